@@ -1,0 +1,32 @@
+"""cntlora: training-free, data-driven initialization of LoRA adapters (CNTLoRA).
+
+collect (hooks -> statistics) -> solve (statistics + W0 -> ΔW) -> decompose (B, A, ranks)
+-> apply (a peft.PeftModel).
+"""
+
+from .apply import apply, initialize, lora_config_for
+from .config import CNTLoRAConfig, CNTLoRAError
+from .plan import LayerPlan, Plan, solve
+from .solver import Constraint, Moments, align_moments, reproduce_frozen, solve_delta, vanish
+from .statistics import Statistics, collect_statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNTLoRAConfig",
+    "CNTLoRAError",
+    "Constraint",
+    "LayerPlan",
+    "Moments",
+    "Plan",
+    "Statistics",
+    "align_moments",
+    "apply",
+    "collect_statistics",
+    "initialize",
+    "lora_config_for",
+    "reproduce_frozen",
+    "solve",
+    "solve_delta",
+    "vanish",
+]

@@ -1,0 +1,120 @@
+"""Apply: a Plan -> a peft.PeftModel built with PEFT's own LoraConfig, with B and A loaded.
+
+Base handling (docs/method.md): "subspace" and "keep" leave W0 alone; "residual" writes
+W0 <- W0 - s·B·A so that the output at step 0 is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import CNTLoRAConfig, CNTLoRAError
+from .layers import base_layer, delta_to_weight, weight_matrix
+from .plan import Plan, solve
+from .statistics import collect_statistics
+
+# What CNTLoRA decides; everything else in a user's LoraConfig is honoured as given.
+_DECIDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")
+
+
+def lora_config_for(plan: Plan, lora_config=None):
+    """PEFT's LoraConfig for a plan; modules_to_save, dropout, bias, task_type... come from `lora_config`."""
+    from peft import LoraConfig
+
+    if lora_config is not None and not isinstance(lora_config, LoraConfig):
+        raise CNTLoRAError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    if lora_config is not None and (lora_config.use_dora or getattr(lora_config, "layer_replication", None)):
+        raise CNTLoRAError("cntlora initializes plain LoRA; turn off use_dora / layer_replication in lora_config")
+    if not plan.adapted:
+        raise CNTLoRAError("every layer got rank 0; raise the budget or r_min")
+    cfg = copy.deepcopy(lora_config) if lora_config is not None else LoraConfig()
+    c = plan.config
+    cfg.r = c.r
+    cfg.lora_alpha = c.alpha
+    cfg.use_rslora = c.use_rslora
+    cfg.target_modules = set(plan.adapted)
+    cfg.rank_pattern = plan.rank_pattern
+    cfg.alpha_pattern = plan.alpha_pattern
+    cfg.init_lora_weights = False  # B and A are overwritten below
+    cfg.fan_in_fan_out = any(plan.layers[n].spec.kind == "conv1d" for n in plan.adapted)
+    return cfg
+
+
+def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "default"):
+    """Wrap `model` (in place, as peft.get_peft_model does) and load the planned B and A."""
+    from peft import get_peft_model
+
+    t0 = time.perf_counter()
+    cfg = lora_config_for(plan, lora_config)
+    mixed = {n for n in plan.adapted if plan.layers[n].spec.kind == "conv1d"}
+    if mixed and len(mixed) != len(plan.adapted):
+        raise CNTLoRAError(
+            "a model mixing transformers Conv1D and other layer types needs two adapters (fan_in_fan_out differs); "
+            "target one kind at a time"
+        )
+    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+    modules = dict(peft_model.base_model.model.named_modules())
+    s = plan.scale
+    for name in plan.adapted:
+        lp = plan.layers[name]
+        layer = modules[name]
+        lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        with torch.no_grad():
+            lora_a.copy_(lp.A.reshape(lora_a.shape))
+            lora_b.copy_(lp.B.reshape(lora_b.shape))
+            if plan.config.base == "residual":
+                w = base_layer(layer).weight
+                delta = s * (lp.B.double() @ lp.A.double())
+                w.sub_(delta_to_weight(delta, lp.spec).to(device=w.device, dtype=w.dtype))
+        if abs(layer.scaling[adapter_name] - s) > 1e-9 * s:
+            raise CNTLoRAError(f"PEFT gave {name!r} scale {layer.scaling[adapter_name]} instead of {s}")
+    peft_model.cntlora_plan = plan
+    plan.timings["apply"] = time.perf_counter() - t0
+    return peft_model
+
+
+def initialize(
+    model: nn.Module,
+    dataloader: Iterable,
+    config: Optional[CNTLoRAConfig] = None,
+    target_modules: Union[str, Sequence[str], None] = None,
+    reference_dataloader: Optional[Iterable] = None,
+    lora_config=None,
+    max_batches: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    forward_fn: Optional[Callable] = None,
+    mask_fn: Optional[Callable] = None,
+    max_stats_memory: Optional[int] = None,
+    progress: bool = True,
+    adapter_name: str = "default",
+):
+    """collect_statistics -> solve -> apply in one call; returns a peft.PeftModel."""
+    config = config or CNTLoRAConfig()
+    if target_modules is None and lora_config is not None and lora_config.target_modules:
+        target_modules = (
+            lora_config.target_modules if isinstance(lora_config.target_modules, str) else sorted(lora_config.target_modules)
+        )
+    if target_modules is None:
+        raise CNTLoRAError("pass target_modules=[...] (or a lora_config with target_modules)")
+    t0 = time.perf_counter()
+    stats = collect_statistics(
+        model,
+        dataloader,
+        target_modules,
+        reference_dataloader=reference_dataloader,
+        max_batches=max_batches,
+        max_tokens=max_tokens,
+        forward_fn=forward_fn,
+        mask_fn=mask_fn,
+        max_stats_memory=max_stats_memory,
+        progress=progress,
+    )
+    collect_seconds = time.perf_counter() - t0
+    plan = solve(model, stats, config, progress=progress)
+    plan.timings["collect"] = collect_seconds
+    return apply(model, plan, lora_config=lora_config, adapter_name=adapter_name)

@@ -1,0 +1,104 @@
+"""CNTLoRAConfig: every choice CNTLoRA makes, validated once, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+MODES = ("self", "cross", "shift")
+BASES = ("subspace", "residual", "keep")
+PRETRAIN_SOURCES = ("reference", "weights", "isotropic")
+SHIFT_ALIGNMENTS = ("diag", "full")
+VAS_SCORES = ("energy", "weight")
+
+
+class CNTLoRAError(ValueError):
+    """Bad input. The message names the problem and how to fix it."""
+
+
+def _choice(name: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise CNTLoRAError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class CNTLoRAConfig:
+    """How to turn activation statistics into LoRA weights (see docs/method.md).
+
+    mode: "self", "cross" or "shift" (presets of the constraint engine), ignored when
+        `constraints` is given.
+    r, alpha, use_rslora: as in peft.LoraConfig; the scale is s = alpha/r (alpha/sqrt(r)).
+    base: "subspace" (default: B = 0, A spans the data-driven directions, output unchanged),
+        "residual" (W0 <- W0 - s·B·A, output unchanged) or "keep" (output moves by s·B·A).
+    gamma: weight of the "zero on pre-training inputs" constraint in Cross mode.
+    pretrain_source: "reference", "weights" or "isotropic"; None picks "reference" when
+        reference statistics exist, else "weights".
+    ridge: relative ridge, lambda = ridge · trace(sum_k w_k C_k) / n.
+    shift_alignment: "diag" (per feature) or "full" (whitening + recolouring).
+    strength: trust region tau; ΔW_r is scaled by min(1, tau·||W0||/||ΔW_r||) whenever it
+        enters the weights (base "keep" or "residual"). None disables it.
+    vas, budget, r_min, r_max, vas_score: variable ranks under a parameter budget.
+    constraints: a list of cntlora.Constraint replacing the mode's preset.
+    seed: seeds the randomized SVD and the random padding rows of A.
+    """
+
+    mode: str = "cross"
+    r: int = 8
+    alpha: float = 8.0
+    base: str = "subspace"
+    gamma: float = 1.0
+    pretrain_source: Optional[str] = None
+    ridge: float = 1e-2
+    shift_alignment: str = "diag"
+    strength: Optional[float] = 0.05
+    use_rslora: bool = False
+    vas: bool = False
+    budget: Optional[int] = None
+    r_min: int = 0
+    r_max: Optional[int] = None
+    vas_score: str = "energy"
+    constraints: Optional[list] = field(default=None, repr=False)
+    seed: int = 0
+    randomized_svd_above: int = 2048
+    svd_niter: int = 4
+
+    def __post_init__(self) -> None:
+        self.mode = str(self.mode).lower()
+        _choice("mode", self.mode, MODES)
+        _choice("base", self.base, BASES)
+        if self.pretrain_source is not None:
+            _choice("pretrain_source", self.pretrain_source, PRETRAIN_SOURCES)
+        _choice("shift_alignment", self.shift_alignment, SHIFT_ALIGNMENTS)
+        _choice("vas_score", self.vas_score, VAS_SCORES)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise CNTLoRAError(f"r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise CNTLoRAError(f"alpha must be positive, got {self.alpha!r}")
+        if self.ridge < 0:
+            raise CNTLoRAError(f"ridge must be >= 0, got {self.ridge!r}; 1e-2 is a safe start")
+        if self.gamma < 0:
+            raise CNTLoRAError(f"gamma must be >= 0, got {self.gamma!r}")
+        if self.strength is not None and self.strength <= 0:
+            raise CNTLoRAError(f"strength must be positive or None (no cap), got {self.strength!r}")
+        if self.r_min < 0 or (self.r_max is not None and self.r_max < max(self.r_min, 1)):
+            raise CNTLoRAError(
+                f"need 0 <= r_min <= r_max and r_max >= 1, got r_min={self.r_min}, r_max={self.r_max}"
+            )
+        if self.budget is not None and self.budget <= 0:
+            raise CNTLoRAError(f"budget must be a positive parameter count, got {self.budget!r}")
+        if self.constraints is not None and len(self.constraints) == 0:
+            raise CNTLoRAError("constraints=[] gives no equations; pass None to use the mode's preset")
+
+    @property
+    def scale(self) -> float:
+        """s, the LoRA scale that multiplies B·A."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    @property
+    def max_rank(self) -> int:
+        return self.r_max if self.r_max is not None else (2 * self.r if self.vas else self.r)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["constraints"] = None if self.constraints is None else [repr(c) for c in self.constraints]
+        return d

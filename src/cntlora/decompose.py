@@ -1,0 +1,142 @@
+"""ΔW -> LoRA factors B, A; and VAS, the per-layer rank allocation under a budget.
+
+Pure tensor math. With s the LoRA scale, B = U_r Σ_r^½ / √s and A = Σ_r^½ V_rᵀ / √s, so
+s·B·A is the rank-r part of ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from .config import CNTLoRAError
+
+Tensor = torch.Tensor
+
+# kaiming_uniform_(a=√5) draws A's entries from U(−1/√n, 1/√n): each row has norm ≈ 1/√3.
+DEFAULT_A_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The top singular triplets of ΔW and its total energy ||ΔW||_F²."""
+
+    u: Tensor  # m × k
+    s: Tensor  # k
+    v: Tensor  # n × k
+    energy: float
+
+    def numerical_rank(self) -> int:
+        if self.s.numel() == 0 or float(self.s[0]) == 0.0:
+            return 0
+        m, n = self.u.shape[0], self.v.shape[0]
+        tol = float(self.s[0]) * max(m, n) * torch.finfo(torch.float32).eps
+        return int((self.s > tol).sum())
+
+
+def top_singular(delta: Tensor, k: int, seed: int = 0, randomized_above: int = 2048, niter: int = 4) -> Spectrum:
+    """The k leading singular triplets; randomized (with a fixed seed) for large layers."""
+    m, n = delta.shape
+    k = min(k, m, n)
+    energy = float(delta.pow(2).sum())
+    if min(m, n) > randomized_above:
+        with torch.random.fork_rng(devices=[delta.device] if delta.is_cuda else []):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(delta, q=min(k + 10, m, n), niter=niter)
+        return Spectrum(u[:, :k], s[:k], v[:, :k], energy)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return Spectrum(u[:, :k], s[:k], vh[:k].T, energy)
+
+
+def orthogonal_rows(kept: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """`count` random orthonormal rows (count × n), orthogonal to the columns of `kept` (n × k)."""
+    n = kept.shape[0]
+    if kept.shape[1] + count > n:
+        raise CNTLoRAError(f"cannot find {count} more directions in {n} dimensions; lower r")
+    g = torch.randn(n, count, generator=generator, dtype=torch.float64).to(kept)
+    if kept.shape[1]:
+        g = g - kept @ (kept.T @ g)
+        g = g - kept @ (kept.T @ g)  # twice: one projection leaves O(eps·κ) leakage
+    q, _ = torch.linalg.qr(g)
+    return q.T
+
+
+def cap_factor(rank_energy: float, w0_norm: float, strength: Optional[float]) -> float:
+    """The trust region: min(1, τ·||W0||_F / ||ΔW_r||_F)."""
+    if strength is None or rank_energy <= 0:
+        return 1.0
+    return min(1.0, strength * w0_norm / math.sqrt(rank_energy))
+
+
+def lora_factors(
+    spectrum: Spectrum,
+    rank: int,
+    scale: float,
+    base: str,
+    w0_norm: float,
+    strength: Optional[float],
+    seed: int = 0,
+) -> tuple:
+    """(B m×rank, A rank×n, cap) for one layer.
+
+    subspace: A = the top right singular vectors at LoRA's default row norm, B = 0.
+    keep / residual: s·B·A = cap·(rank-r part of ΔW). Beyond ΔW's numerical rank, A gets
+    random rows orthogonal to the kept ones and B zero columns.
+    """
+    m, n = spectrum.u.shape[0], spectrum.v.shape[0]
+    if rank > min(m, n):
+        raise CNTLoRAError(f"rank {rank} exceeds min(m, n) = {min(m, n)} of a {m}×{n} layer; lower r")
+    kept = min(rank, spectrum.numerical_rank())
+    u, s, v = spectrum.u[:, :kept], spectrum.s[:kept], spectrum.v[:, :kept]
+    gen = torch.Generator().manual_seed(seed)
+    pad = orthogonal_rows(v, rank - kept, gen) * DEFAULT_A_ROW_NORM
+    if base == "subspace":
+        a = torch.cat([v.T * DEFAULT_A_ROW_NORM, pad])
+        return torch.zeros(m, rank, dtype=a.dtype, device=a.device), a, 1.0
+    cap = cap_factor(float(s.pow(2).sum()), w0_norm, strength)
+    root = (s * cap / scale).sqrt()
+    b = torch.cat([u * root, torch.zeros(m, rank - kept, dtype=u.dtype, device=u.device)], dim=1)
+    a = torch.cat([root.unsqueeze(1) * v.T, pad])
+    return b, a, cap
+
+
+def component_scores(spectrum: Spectrum, w0_norm: float, score: str) -> Tensor:
+    """Score of each singular component: its share of ΔW's energy, or σ² / ||W0||²."""
+    denom = spectrum.energy if score == "energy" else w0_norm**2
+    if denom <= 0:
+        return torch.zeros_like(spectrum.s)
+    return spectrum.s.pow(2) / denom
+
+
+def allocate_ranks(
+    scores: Mapping[str, Tensor],
+    costs: Mapping[str, int],
+    budget: int,
+    r_min: int,
+    r_max: int,
+) -> Dict[str, int]:
+    """Greedy VAS: take components in descending score while the budget lasts.
+
+    Each layer's components come in order (σ sorted), a component costs m_l + n_l
+    parameters, and every rank stays within [r_min, r_max] (and the layer's own size).
+    """
+    ranks = {}
+    spent = 0
+    for name, sc in scores.items():
+        ranks[name] = min(r_min, sc.numel())
+        spent += ranks[name] * costs[name]
+    if spent > budget:
+        raise CNTLoRAError(f"r_min={r_min} alone costs {spent} parameters, over the budget {budget}; lower r_min")
+    order = sorted(
+        ((float(sc[i]), name, i) for name, sc in scores.items() for i in range(ranks[name], min(r_max, sc.numel()))),
+        key=lambda t: (-t[0], t[1], t[2]),
+    )
+    for score, name, i in order:
+        if i != ranks[name] or spent + costs[name] > budget:
+            continue
+        ranks[name] += 1
+        spent += costs[name]
+    return ranks

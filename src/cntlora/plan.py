@@ -1,0 +1,191 @@
+"""Solve + decompose for a whole model: statistics + W0 -> per-layer B, A and rank (a Plan).
+
+The only model access is reading W0; everything after that is the pure functions of
+solver.py and decompose.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import CNTLoRAConfig, CNTLoRAError
+from .decompose import Spectrum, allocate_ranks, component_scores, lora_factors, top_singular
+from .layers import LayerSpec, weight_matrix
+from .solver import mode_constraints, needs_pretrain, pretrain_moments, solve_delta
+from .statistics import Statistics
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    spec: LayerSpec
+    rank: int
+    B: torch.Tensor  # m × rank, float32
+    A: torch.Tensor  # rank × n, float32
+    singular_values: torch.Tensor  # the leading σ of ΔW (before the cap)
+    delta_energy: float  # ||ΔW||_F²
+    w0_norm: float
+    cap: float  # trust-region factor applied to ΔW_r (1 = none)
+
+    @property
+    def params(self) -> int:
+        return self.rank * (self.spec.out_features + self.spec.in_features)
+
+    @property
+    def energy_share(self) -> float:
+        """Share of ||ΔW||² in the kept components."""
+        if self.delta_energy <= 0:
+            return 0.0
+        return float(self.singular_values[: self.rank].pow(2).sum()) / self.delta_energy
+
+
+@dataclass
+class Plan:
+    """Everything `apply` needs: per-layer factors and the LoRA scale they assume."""
+
+    config: CNTLoRAConfig
+    layers: Dict[str, LayerPlan]
+    pretrain_source: Optional[str]
+    budget: int
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
+    def adapted(self) -> List[str]:
+        """Layers that get an adapter (rank > 0)."""
+        return [n for n, lp in self.layers.items() if lp.rank > 0]
+
+    def layer_alpha(self, rank: int) -> float:
+        """alpha_l that keeps s = alpha/r identical in a layer of rank r_l."""
+        c = self.config
+        return c.alpha * (math.sqrt(rank / c.r) if c.use_rslora else rank / c.r)
+
+    @property
+    def rank_pattern(self) -> Dict[str, int]:
+        return {n: lp.rank for n, lp in self.layers.items() if lp.rank > 0 and lp.rank != self.config.r}
+
+    @property
+    def alpha_pattern(self) -> Dict[str, float]:
+        return {n: self.layer_alpha(r) for n, r in self.rank_pattern.items()}
+
+    @property
+    def params(self) -> int:
+        return sum(lp.params for lp in self.layers.values())
+
+    def summary(self) -> str:
+        """A per-layer table: shape, rank, captured energy share, parameters; totals vs the budget."""
+        name_w = max([len("layer")] + [len(n) for n in self.layers])
+        lines = [f"{'layer':<{name_w}}  {'shape':>11}  {'rank':>4}  {'energy':>6}  {'|ΔW|/|W0|':>9}  {'params':>9}"]
+        for n, lp in self.layers.items():
+            shape = f"{lp.spec.out_features}x{lp.spec.in_features}"
+            rel = math.sqrt(lp.delta_energy) / lp.w0_norm if lp.w0_norm > 0 else float("nan")
+            lines.append(
+                f"{n:<{name_w}}  {shape:>11}  {lp.rank:>4}  {lp.energy_share:>6.1%}  {rel:>9.3f}  {lp.params:>9,}"
+            )
+        c = self.config
+        lines.append(
+            f"total: {len(self.adapted)}/{len(self.layers)} layers adapted, {self.params:,} parameters "
+            f"(budget {self.budget:,}); mode={c.mode if c.constraints is None else 'custom'}, base={c.base}, "
+            f"pretrain_source={self.pretrain_source}, s={self.scale:g}"
+        )
+        return "\n".join(lines)
+
+
+def _broadcast(plan: Optional[Plan]) -> Plan:
+    """Solve once on rank 0 and give every rank the identical plan."""
+    import torch.distributed as dist
+
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool = False) -> Plan:
+    """Per-layer LoRA factors from statistics. Under torch.distributed, rank 0 solves and
+    broadcasts, so every rank holds identical adapters."""
+    if _distributed():
+        import torch.distributed as dist
+
+        plan = _solve_local(model, stats, config, progress) if dist.get_rank() == 0 else None
+        return _broadcast(plan)
+    return _solve_local(model, stats, config, progress)
+
+
+def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool) -> Plan:
+    modules = stats.check_model(model)
+    constraints = mode_constraints(config)
+    source = None
+    if needs_pretrain(constraints):
+        source = config.pretrain_source or ("reference" if stats.reference is not None else "weights")
+        if source == "reference" and stats.reference is None:
+            raise CNTLoRAError(
+                "pretrain_source='reference' but the statistics have no reference set; collect them with "
+                "reference_dataloader=, or use pretrain_source='weights'"
+            )
+    if not config.vas:
+        small = [(n, s) for n, s in stats.layers.items() if config.r > min(s.out_features, s.in_features)]
+        if small:
+            n, s = small[0]
+            raise CNTLoRAError(
+                f"r={config.r} is larger than min(m, n)={min(s.out_features, s.in_features)} of layer {n!r} "
+                f"({s.out_features}×{s.in_features}); lower r or leave that layer out"
+            )
+
+    timings = {"solve": 0.0, "decompose": 0.0}
+    spectra: Dict[str, Spectrum] = {}
+    w0_norms: Dict[str, float] = {}
+    for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        spec = stats.layers[name]
+        fine = stats.moments(name)
+        w0 = weight_matrix(modules[name], spec).detach().to(fine.second.device, torch.float64)
+        reference = stats.moments(name, "reference") if source == "reference" else None
+        pretrain = pretrain_moments(source, fine, w0, reference) if source else None
+        delta = solve_delta(w0, fine, pretrain, constraints, config.ridge)
+        t1 = time.perf_counter()
+        spectra[name] = top_singular(delta, config.max_rank, config.seed, config.randomized_svd_above, config.svd_niter)
+        w0_norms[name] = float(torch.linalg.norm(w0))
+        timings["solve"] += t1 - t0
+        timings["decompose"] += time.perf_counter() - t1
+
+    budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in stats.layers.values())
+    if config.vas:
+        scores = {n: component_scores(spectra[n], w0_norms[n], config.vas_score) for n in stats.layers}
+        costs = {n: s.out_features + s.in_features for n, s in stats.layers.items()}
+        ranks = allocate_ranks(scores, costs, budget, config.r_min, config.max_rank)
+    else:
+        ranks = {n: config.r for n in stats.layers}
+
+    t0 = time.perf_counter()
+    layers = {}
+    for i, (name, spec) in enumerate(stats.layers.items()):
+        sp = spectra[name]
+        if ranks[name] > 0:
+            b, a, cap = lora_factors(
+                sp, ranks[name], config.scale, config.base, w0_norms[name], config.strength, seed=config.seed + i
+            )
+        else:
+            b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
+            a = torch.zeros(0, spec.in_features, dtype=torch.float64)
+            cap = 1.0
+        layers[name] = LayerPlan(
+            name, spec, ranks[name], b.float().cpu(), a.float().cpu(), sp.s.cpu(), sp.energy, w0_norms[name], cap
+        )
+    timings["decompose"] += time.perf_counter() - t0
+    return Plan(config, layers, source, budget, timings)

@@ -1,0 +1,213 @@
+"""The constraint engine: activation moments + W0 -> the closed-form update ΔW.
+
+Pure tensor math (no hooks, no I/O, no PEFT). Each constraint k asks, on inputs x ~ D_k,
+
+    ΔW x ≈ W0 (R_k x + q_k)        with weight w_k,
+
+and the ridge least-squares solution over all of them is
+
+    ΔW = W0 · (Σ_k w_k (R_k C_k + q_k mu_kᵀ)) · (Σ_k w_k C_k + λ I)⁻¹,
+
+with λ = ridge · trace(Σ_k w_k C_k) / n. The Self, Cross and Shift modes are lists of
+constraints built with the same public `Constraint` type a user can pass. Derivations:
+docs/method.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .config import CNTLoRAConfig, CNTLoRAError
+
+Tensor = torch.Tensor
+# R is a scalar (times I), a vector (a diagonal) or a full n×n matrix; q is a vector or None.
+Target = Tuple[Union[float, Tensor], Optional[Tensor]]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """First and second moments of a layer's inputs: mean mu and C = E[x xᵀ]."""
+
+    count: float
+    mean: Tensor
+    second: Tensor
+
+    @property
+    def covariance(self) -> Tensor:
+        return self.second - torch.outer(self.mean, self.mean)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.numel()
+
+
+@dataclass(frozen=True)
+class SolveContext:
+    """What a constraint's target may depend on: both distributions and the absolute ridge."""
+
+    fine: Moments
+    pretrain: Optional[Moments]
+    lam: float
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """ΔW x ≈ W0 (R x + q) on x ~ `on` ("fine" or "pretrain"), weighted by `weight`.
+
+    `target(ctx) -> (R, q)` builds R and q from the statistics; `target=None` asks for
+    ΔW x ≈ 0. Set `uses_pretrain=True` when the target reads `ctx.pretrain`. Use the
+    factories `reproduce_frozen`, `vanish` and `align_moments`, or write your own target.
+    """
+
+    on: str
+    weight: float = 1.0
+    target: Optional[Callable[[SolveContext], Target]] = None
+    name: str = "custom"
+    uses_pretrain: bool = False  # the target reads ctx.pretrain
+
+    def __post_init__(self) -> None:
+        if self.on not in ("fine", "pretrain"):
+            raise CNTLoRAError(f"Constraint.on must be 'fine' or 'pretrain', got {self.on!r}")
+        if not self.weight > 0:
+            raise CNTLoRAError(f"Constraint.weight must be positive, got {self.weight!r}")
+
+    def __repr__(self) -> str:
+        return f"Constraint({self.name}, on={self.on}, weight={self.weight})"
+
+
+def reproduce_frozen(on: str = "fine", weight: float = 1.0) -> Constraint:
+    """ΔW x ≈ W0 x: the adapter takes over what W0 does on these inputs."""
+    return Constraint(on, weight, lambda ctx: (1.0, None), name="reproduce_frozen")
+
+
+def vanish(on: str = "pretrain", weight: float = 1.0) -> Constraint:
+    """ΔW x ≈ 0: leave these inputs to the frozen weight."""
+    return Constraint(on, weight, None, name="vanish")
+
+
+def alignment_matrix(fine: Moments, pretrain: Moments, lam: float, alignment: str) -> Tensor:
+    """A_s mapping fine-tuning covariance onto pre-training covariance (a vector if diagonal)."""
+    s_f, s_p = fine.covariance, pretrain.covariance
+    if alignment == "diag":
+        return torch.sqrt((torch.diagonal(s_p).clamp_min(0) + lam) / (torch.diagonal(s_f).clamp_min(0) + lam))
+    if alignment == "full":
+        eye = torch.eye(fine.dim, dtype=s_f.dtype, device=s_f.device)
+        ep, vp = torch.linalg.eigh(s_p + lam * eye)
+        ef, vf = torch.linalg.eigh(s_f + lam * eye)
+        root_p = (vp * ep.clamp_min(lam).sqrt()) @ vp.T
+        inv_root_f = (vf * ef.clamp_min(lam).rsqrt()) @ vf.T
+        return root_p @ inv_root_f
+    raise CNTLoRAError(f"unknown shift_alignment {alignment!r}; use 'diag' or 'full'")
+
+
+def align_moments(alignment: str = "diag", weight: float = 1.0) -> Constraint:
+    """(W0 + ΔW) x ≈ W0 T(x) with T(x) = A_s (x − mu_f) + mu_p, i.e. R = A_s − I, q = mu_p − A_s mu_f."""
+
+    def target(ctx: SolveContext) -> Target:
+        a_s = alignment_matrix(ctx.fine, ctx.pretrain, ctx.lam, alignment)
+        if a_s.dim() == 1:
+            return a_s - 1.0, ctx.pretrain.mean - a_s * ctx.fine.mean
+        eye = torch.eye(a_s.shape[0], dtype=a_s.dtype, device=a_s.device)
+        return a_s - eye, ctx.pretrain.mean - a_s @ ctx.fine.mean
+
+    return Constraint("fine", weight, target, name=f"align_moments[{alignment}]", uses_pretrain=True)
+
+
+def mode_constraints(config: CNTLoRAConfig) -> list:
+    """The constraint list of a config: its own, or its mode's preset."""
+    if config.constraints is not None:
+        return list(config.constraints)
+    if config.mode == "self":
+        return [reproduce_frozen("fine")]
+    if config.mode == "cross":
+        cons = [reproduce_frozen("fine")]
+        return cons + ([vanish("pretrain", config.gamma)] if config.gamma > 0 else [])
+    return [align_moments(config.shift_alignment)]
+
+
+def needs_pretrain(constraints: Sequence[Constraint]) -> bool:
+    return any(c.on == "pretrain" or c.uses_pretrain for c in constraints)
+
+
+def pretrain_moments(source: str, fine: Moments, weight: Tensor, reference: Optional[Moments] = None) -> Moments:
+    """Pre-training statistics from a reference set, from W0's row space, or isotropic.
+
+    "weights": C_p = κ W0ᵀW0 with κ = trace(C_f)/||W0||², mu_p = 0 (W0's rows are sums of
+    past gradient directions δ·x_pᵀ, so they record where pre-training inputs lay).
+    """
+    dtype, device = fine.second.dtype, fine.second.device
+    n = fine.dim
+    if source == "reference":
+        if reference is None:
+            raise CNTLoRAError(
+                "pretrain_source='reference' needs reference statistics; pass reference_dataloader= "
+                "to collect_statistics, or use pretrain_source='weights'"
+            )
+        return reference
+    zero = torch.zeros(n, dtype=dtype, device=device)
+    trace_f = torch.trace(fine.second)
+    if source == "weights":
+        w = weight.to(dtype=dtype, device=device)
+        gram = w.T @ w
+        kappa = trace_f / torch.trace(gram).clamp_min(torch.finfo(dtype).tiny)
+        return Moments(float(weight.shape[0]), zero, kappa * gram)
+    if source == "isotropic":
+        return Moments(float(n), zero, (trace_f / n) * torch.eye(n, dtype=dtype, device=device))
+    raise CNTLoRAError(f"unknown pretrain_source {source!r}; use 'reference', 'weights' or 'isotropic'")
+
+
+def _apply_target(r: Union[float, Tensor], q: Optional[Tensor], moments: Moments) -> Tensor:
+    """R C + q muᵀ for R given as a scalar, a diagonal or a matrix."""
+    c = moments.second
+    if isinstance(r, Tensor) and r.dim() == 2:
+        out = r @ c
+    elif isinstance(r, Tensor):
+        out = r.unsqueeze(1) * c
+    else:
+        out = float(r) * c
+    if q is not None:
+        out = out + torch.outer(q, moments.mean)
+    return out
+
+
+def solve_delta(
+    weight: Tensor,
+    fine: Moments,
+    pretrain: Optional[Moments],
+    constraints: Sequence[Constraint],
+    ridge: float,
+) -> Tensor:
+    """ΔW (m × n) for one layer, in the dtype of the moments (use float64)."""
+    n = fine.dim
+    if weight.shape[1] != n:
+        raise CNTLoRAError(f"weight has {weight.shape[1]} inputs but the statistics have {n}")
+    dtype, device = fine.second.dtype, fine.second.device
+    dist = {"fine": fine, "pretrain": pretrain}
+    if needs_pretrain(constraints) and pretrain is None:
+        raise CNTLoRAError("a constraint on 'pretrain' inputs needs pre-training statistics")
+
+    gram = torch.zeros(n, n, dtype=dtype, device=device)
+    for c in constraints:
+        gram += c.weight * dist[c.on].second
+    lam = float(ridge * torch.trace(gram) / n)
+    ctx = SolveContext(fine, pretrain, lam)
+
+    rhs = torch.zeros(n, n, dtype=dtype, device=device)
+    for c in constraints:
+        if c.target is not None:
+            r, q = c.target(ctx)
+            rhs += c.weight * _apply_target(r, q, dist[c.on])
+
+    gram.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        raise CNTLoRAError(
+            "the constraint system is singular (the inputs span fewer than n directions); "
+            "raise ridge (e.g. ridge=1e-2) or collect more data"
+        )
+    # ΔW = W0 · rhs · gram⁻¹  <=>  ΔWᵀ = gram⁻¹ · (W0 · rhs)ᵀ, gram symmetric.
+    w0 = weight.to(dtype=dtype, device=device)
+    return torch.cholesky_solve((w0 @ rhs).T, chol).T

