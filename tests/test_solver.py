@@ -171,3 +171,44 @@ def test_subspace_a_spans_top_directions(collected):
         q, _ = torch.linalg.qr(a_keep.T)
         assert torch.allclose(q @ (q.T @ a_sub.T), a_sub.T, atol=1e-5)
         assert torch.allclose(a_sub.norm(dim=1), torch.full((3,), 3**-0.5, dtype=torch.float64), atol=1e-6)
+
+
+def test_engine_with_random_constraints_matches_brute_force(collected):
+    """Arbitrary R_k (matrix and diagonal), q_k and weights on both distributions."""
+    model, stats, raw_f, raw_p = collected
+    w0 = model.fc1.weight.detach().double()
+    n = w0.shape[1]
+    g = torch.Generator().manual_seed(7)
+    r1 = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    q1 = torch.randn(n, generator=g, dtype=torch.float64)
+    r2 = torch.rand(n, generator=g, dtype=torch.float64)
+    q2 = torch.randn(n, generator=g, dtype=torch.float64)
+    cons = [cntlora.Constraint("fine", 0.8, lambda ctx: (r1, q1)),
+            cntlora.Constraint("pretrain", 1.7, lambda ctx: (r2, q2)),
+            cntlora.vanish("pretrain", 0.3)]
+    got = solve_delta(w0, stats.moments("fc1"), stats.moments("fc1", "reference"), cons, RIDGE)
+
+    x_f, x_p = raw_f["fc1"], raw_p["fc1"]
+    gram = 0.8 * x_f.T @ x_f / len(x_f) + 2.0 * x_p.T @ x_p / len(x_p)
+    lam = RIDGE * torch.trace(gram) / n
+    rows = [(0.8 / len(x_f)) ** 0.5 * x_f, (1.7 / len(x_p)) ** 0.5 * x_p, (0.3 / len(x_p)) ** 0.5 * x_p,
+            lam.sqrt() * torch.eye(n, dtype=torch.float64)]
+    targets = [(0.8 / len(x_f)) ** 0.5 * (x_f @ r1.T + q1) @ w0.T,
+               (1.7 / len(x_p)) ** 0.5 * (x_p * r2 + q2) @ w0.T,
+               torch.zeros(len(x_p), w0.shape[0], dtype=torch.float64),
+               torch.zeros(n, w0.shape[0], dtype=torch.float64)]
+    want = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution.T
+    assert rel(got, want) < 1e-5
+
+
+def test_diag_alignment_matches_variances_and_means():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(60, 4, generator=g, dtype=torch.float64) * 2 + 1
+    b = torch.randn(30, 4, generator=g, dtype=torch.float64) * 0.5 - 1
+    mf = Moments(60, a.mean(0), a.T @ a / 60)
+    mp = Moments(30, b.mean(0), b.T @ b / 30)
+    lam = 0.05
+    a_s = alignment_matrix(mf, mp, lam, "diag")
+    assert torch.allclose(a_s**2 * (torch.diagonal(mf.covariance) + lam), torch.diagonal(mp.covariance) + lam)
+    transformed = (a - mf.mean) * a_s + mp.mean  # T applied to the fine-tuning samples
+    assert torch.allclose(transformed.mean(0), mp.mean)
