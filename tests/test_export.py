@@ -1,6 +1,7 @@
 """save_adapter / load_adapter round trips and the plain-LoRA export, on tiny models built from configs."""
 
 import copy
+import json
 import os
 
 import pytest
@@ -16,8 +17,18 @@ import cntlora
 from cntlora import CNTLoRAConfig, CNTLoRAError
 from cntlora import export as export_module
 from cntlora.export import export_plain_lora, load_adapter, save_adapter
+from cntlora.layers import find_targets, layer_spec
 
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyCNN(nn.Module):
@@ -99,11 +110,18 @@ def outputs(model, kind):
         return torch.cat([logits(model, b) for b in KINDS[kind][3]()])
 
 
-def initialized(kind, base, vas, use_rslora=False):
-    """(pristine original base, CNTLoRA PeftModel on a copy of it)."""
+def initialized(kind, base, vas, use_rslora=False, budget_share=0.7):
+    """(pristine original base, CNTLoRA PeftModel on a copy of it).
+
+    Random-init models have flat spectra, so VAS at the default budget gives uniform ranks;
+    a budget below uniform rank r makes the ranks vary (rank_pattern / alpha_pattern in use).
+    """
     make, targets, to_save, data, _, _ = KINDS[kind]
     original = make()
-    cfg = CNTLoRAConfig(r=2, alpha=4.0, base=base, vas=vas, use_rslora=use_rslora, seed=0)
+    r = 2
+    specs = [layer_spec(n, m) for n, m in find_targets(original, targets).items()]
+    budget = int(budget_share * sum(r * (s.out_features + s.in_features) for s in specs)) if vas else None
+    cfg = CNTLoRAConfig(r=r, alpha=4.0, base=base, vas=vas, budget=budget, use_rslora=use_rslora, seed=0)
     lora_config = LoraConfig(lora_dropout=0.0, modules_to_save=to_save)
     model = cntlora.initialize(
         copy.deepcopy(original), data(), cfg, target_modules=targets, lora_config=lora_config, progress=False
@@ -138,6 +156,7 @@ def lora_modules(model):
 def test_save_reload_train_export(kind, base, vas, tmp_path):
     original, model = initialized(kind, base, vas)
     plan = model.cntlora_plan
+    assert bool(plan.rank_pattern) == vas, "VAS should give varied ranks here, uniform ranks otherwise"
     start = outputs(model, kind)
     train(model, kind)
     trained = outputs(model, kind)
@@ -150,7 +169,11 @@ def test_save_reload_train_export(kind, base, vas, tmp_path):
     assert ("residual_base.safetensors" in files) == (base == "residual")
     reloaded = load_adapter(copy.deepcopy(original), tmp_path / "adapter")
     torch.testing.assert_close(outputs(reloaded, kind), trained, atol=ATOL, rtol=0)
-    assert {n: m.r["default"] for n, m in lora_modules(reloaded).items()} == {n: plan.layers[n].rank for n in plan.adapted}
+    ranks = {n: m.r["default"] for n, m in lora_modules(reloaded).items()}
+    assert ranks == {n: plan.layers[n].rank for n in plan.adapted}
+    save_adapter(reloaded, tmp_path / "resaved")  # the reloaded model saves again, residual base included
+    resaved = load_adapter(copy.deepcopy(original), tmp_path / "resaved")
+    torch.testing.assert_close(outputs(resaved, kind), trained, atol=ATOL, rtol=0)
 
     # the plain-LoRA export, loaded by plain PEFT on a fresh copy of the ORIGINAL base
     factor = 2 if base == "residual" else 1
@@ -188,6 +211,45 @@ def test_residual_rslora_vas_export(tmp_path):
         assert layer.scaling["default"] == pytest.approx(model.cntlora_plan.scale, rel=1e-12)
 
 
+def test_named_adapter_and_metadata(tmp_path):
+    make, targets, to_save, data, _, _ = KINDS["cnn"]
+    original = make()
+    cfg = CNTLoRAConfig(r=2, alpha=4.0, base="residual", seed=0)
+    model = cntlora.initialize(
+        copy.deepcopy(original), data(), cfg, target_modules=targets, progress=False, adapter_name="task",
+        lora_config=LoraConfig(lora_dropout=0.0, modules_to_save=to_save),
+    )
+    model.set_adapter("task")
+    train(model, "cnn")
+    save_adapter(model, tmp_path / "adapter", adapter_name="task")
+    assert "task" not in os.listdir(tmp_path / "adapter")  # one adapter, at the top of its folder
+    meta = json.loads((tmp_path / "adapter" / "cntlora.json").read_text())
+    plan = model.cntlora_plan
+    assert meta["config"] == cfg.to_dict() and meta["base"] == "residual"
+    assert meta["scale"] == plan.scale and meta["pretrain_source"] == plan.pretrain_source
+    assert meta["ranks"] == {n: lp.rank for n, lp in plan.layers.items()}
+    reloaded = load_adapter(copy.deepcopy(original), tmp_path / "adapter")
+    torch.testing.assert_close(outputs(reloaded, "cnn"), outputs(model, "cnn"), atol=ATOL, rtol=0)
+    assert reloaded.cntlora_plan.summary() == plan.summary()
+    export_plain_lora(model, tmp_path / "export", adapter_name="task")
+    plain = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "export")
+    torch.testing.assert_close(outputs(plain, "cnn"), outputs(model, "cnn"), atol=ATOL, rtol=0)
+    with pytest.raises(CNTLoRAError, match="no adapter 'default'"):
+        export_plain_lora(model, tmp_path / "export")
+
+
+def test_export_with_a_rank_zero_layer(tmp_path):
+    original, model = initialized("cnn", "residual", vas=True, budget_share=0.5)
+    plan = model.cntlora_plan
+    idle = [n for n, lp in plan.layers.items() if lp.rank == 0]
+    assert idle and plan.adapted, f"need a rank-0 layer and an adapted one, got ranks {plan.rank_pattern}"
+    train(model, "cnn")
+    export_plain_lora(model, tmp_path / "export")
+    plain = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "export")
+    assert sorted(lora_modules(plain)) == sorted(plan.adapted)
+    torch.testing.assert_close(outputs(plain, "cnn"), outputs(model, "cnn"), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "cnn"])
 def test_residual_export_matches_peft_conversion(kind, tmp_path):
     """PEFT converts PiSSA-style adapters the same way (save_pretrained with
@@ -201,8 +263,13 @@ def test_residual_export_matches_peft_conversion(kind, tmp_path):
     model.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     export_plain_lora(model, tmp_path / "ours")
 
-    theirs, ours = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(theirs) == sorted(ours)
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    # PEFT's conversion keeps only the LoRA tensors and drops modules_to_save; ours keeps them.
+    lora_keys = sorted(k for k in ours if ".lora_A." in k or ".lora_B." in k)
+    assert sorted(theirs) == lora_keys
+    head = KINDS[kind][2]
+    assert bool(set(ours) - set(lora_keys)) == bool(head)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-7, rtol=0)
     theirs_cfg = LoraConfig.from_pretrained(tmp_path / "peft")
@@ -234,7 +301,8 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert folder_bytes(out) == good
     assert os.listdir(tmp_path) == ["adapter"], "a staging folder was left behind"
-    torch.testing.assert_close(outputs(load_adapter(copy.deepcopy(original), out), "cnn"), good_outputs, atol=ATOL, rtol=0)
+    reloaded = load_adapter(copy.deepcopy(original), out)
+    torch.testing.assert_close(outputs(reloaded, "cnn"), good_outputs, atol=ATOL, rtol=0)
 
 
 def test_failed_swap_restores_previous_adapter(tmp_path, monkeypatch):

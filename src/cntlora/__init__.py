@@ -6,6 +6,7 @@ collect (hooks -> statistics) -> solve (statistics + W0 -> ΔW) -> decompose (B,
 
 from .apply import apply, initialize, lora_config_for
 from .config import CNTLoRAConfig, CNTLoRAError
+from .export import export_plain_lora, load_adapter, save_adapter
 from .plan import LayerPlan, Plan, solve
 from .solver import Constraint, Moments, align_moments, reproduce_frozen, solve_delta, vanish
 from .statistics import Statistics, collect_statistics
@@ -23,6 +24,9 @@ __all__ = [
     "align_moments",
     "apply",
     "collect_statistics",
+    "export_plain_lora",
+    "load_adapter",
+    "save_adapter",
     "initialize",
     "lora_config_for",
     "reproduce_frozen",

@@ -7,6 +7,7 @@ W0 <- W0 - s·B·A so that the output at step 0 is unchanged.
 from __future__ import annotations
 
 import copy
+import re
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -22,8 +23,19 @@ from .statistics import collect_statistics
 _DECIDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")
 
 
-def lora_config_for(plan: Plan, lora_config=None):
-    """PEFT's LoraConfig for a plan; modules_to_save, dropout, bias, task_type... come from `lora_config`."""
+def _needs_exact_names(adapted, module_names) -> bool:
+    """PEFT matches list entries as name suffixes and pattern keys as (.*\.)?key$, so a top-level
+    "0" would also claim a nested "2.0"."""
+    targets = set(adapted)
+    return any(other != name and other.endswith("." + name) for other in module_names for name in targets)
+
+
+def lora_config_for(plan: Plan, lora_config=None, module_names=()):
+    """PEFT's LoraConfig for a plan; modules_to_save, dropout, bias, task_type... come from `lora_config`.
+
+    Layer names are written as plain names, which downstream tools read, unless one of them is
+    also the suffix of another module's name; then they become anchored, escaped patterns.
+    """
     from peft import LoraConfig
 
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
@@ -37,9 +49,14 @@ def lora_config_for(plan: Plan, lora_config=None):
     cfg.r = c.r
     cfg.lora_alpha = c.alpha
     cfg.use_rslora = c.use_rslora
-    cfg.target_modules = set(plan.adapted)
-    cfg.rank_pattern = plan.rank_pattern
-    cfg.alpha_pattern = plan.alpha_pattern
+    if _needs_exact_names(plan.adapted, module_names):
+        cfg.target_modules = "|".join(re.escape(n) for n in plan.adapted)  # PEFT fullmatches a string
+        cfg.rank_pattern = {"^" + re.escape(n): r for n, r in plan.rank_pattern.items()}
+        cfg.alpha_pattern = {"^" + re.escape(n): a for n, a in plan.alpha_pattern.items()}
+    else:
+        cfg.target_modules = set(plan.adapted)
+        cfg.rank_pattern = plan.rank_pattern
+        cfg.alpha_pattern = plan.alpha_pattern
     cfg.init_lora_weights = False  # B and A are overwritten below
     cfg.fan_in_fan_out = any(plan.layers[n].spec.kind == "conv1d" for n in plan.adapted)
     return cfg
@@ -50,7 +67,7 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
     from peft import get_peft_model
 
     t0 = time.perf_counter()
-    cfg = lora_config_for(plan, lora_config)
+    cfg = lora_config_for(plan, lora_config, [n for n, _ in model.named_modules()])
     mixed = {n for n in plan.adapted if plan.layers[n].spec.kind == "conv1d"}
     if mixed and len(mixed) != len(plan.adapted):
         raise CNTLoRAError(
@@ -59,6 +76,10 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
         )
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
     modules = dict(peft_model.base_model.model.named_modules())
+    wrapped = {n for n, m in modules.items() if hasattr(m, "lora_A") and adapter_name in m.lora_A}
+    if wrapped != set(plan.adapted):
+        raise CNTLoRAError(f"PEFT attached adapters to {sorted(wrapped ^ set(plan.adapted))[:3]} against the plan; "
+                           "report this with the model's layer names")
     s = plan.scale
     for name in plan.adapted:
         lp = plan.layers[name]

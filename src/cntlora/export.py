@@ -145,7 +145,9 @@ def _plan_from_folder(meta: dict, factors: Dict[str, torch.Tensor]) -> Plan:
         spec = LayerSpec.from_dict(d["spec"])
         rank = d["rank"]
         if rank > 0 and (f"{name}.B" not in factors or f"{name}.A" not in factors):
-            raise CNTLoRAError(f"{INIT_FACTORS_FILE} lacks layer {name!r}; the adapter folder is incomplete, save it again")
+            raise CNTLoRAError(
+                f"{INIT_FACTORS_FILE} lacks layer {name!r}; the adapter folder is incomplete, save it again"
+            )
         b = factors[f"{name}.B"] if rank > 0 else torch.zeros(spec.out_features, 0)
         a = factors[f"{name}.A"] if rank > 0 else torch.zeros(0, spec.in_features)
         singular_values = torch.tensor(d["singular_values"], dtype=torch.float64)
