@@ -1,0 +1,52 @@
+"""Write the models and data of the vision and text tasks into one folder that can travel.
+
+The GPU machine has none of the packaged models or datasets; the tasks read this folder when
+$CNTLORA_BENCH_DATA names it (see cntlora.bench.tasks). Sizes: MiniLM in fp16 (~45 MB),
+MobileNetV2 in fp16 (~7 MB), the Fashion-MNIST subset the vision task uses (~3 MB), BBC News
+cut to 2,000 characters per article (well past the 128 tokens the task reads).
+
+    python bench/quality/export_data.py OUT_DIR [--only text|vision]
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from cntlora import zoo
+from cntlora.bench.tasks import fashion_subset
+
+
+def export_text(out: Path):
+    model, tokenizer = zoo.load_minilm(num_labels=5)
+    model.half().save_pretrained(out / "minilm", safe_serialization=True)
+    tokenizer.save_pretrained(out / "minilm")
+    texts, labels, names = zoo.bbc_news()
+    (out / "bbc.json").write_text(json.dumps({"texts": [t[:2000] for t in texts], "labels": labels, "class_names": names}))
+
+
+def export_vision(out: Path):
+    state = zoo.load_mobilenetv2().state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, out / "mobilenet_v2.pt")
+    torch.save(fashion_subset(), out / "fashion.pt")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--only", choices=["text", "vision"])
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.only in (None, "text"):
+        export_text(out)
+    if a.only in (None, "vision"):
+        export_vision(out)
+    print(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, "MiB in", out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The quality benchmark's harness: --quick on a tiny task (CI smoke test) and its statistics."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cntlora import CNTLoRAError
+from cntlora.bench import quality
+from cntlora.bench.baselines import METHODS, ChannelLinear, convs_to_linear, peft_init
+from cntlora.bench.quality import paired_difference, parse_label, summarize, t_quantile
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_quick_cli_every_method_writes_schema(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--task", "tiny", "--quick", "--out", str(tmp_path)])
+    assert quality.run(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"tasks"}
+    entry = summary["tasks"]["tiny-quick"]
+    assert set(entry) == {"metric", "higher_is_better", "steps", "methods"}
+    assert isinstance(entry["metric"], str) and isinstance(entry["higher_is_better"], bool)
+    assert isinstance(entry["steps"], int) and entry["steps"] > 0
+    assert list(entry["methods"]) == METHODS
+    for name, m in entry["methods"].items():
+        assert set(m) == {"lr", "test_mean", "test_std", "seeds", "steps_to_target", "init_seconds"}, name
+        assert all(_finite(m[k]) for k in ("lr", "test_mean", "test_std", "init_seconds")), (name, m)
+        assert isinstance(m["seeds"], int) and m["seeds"] == 1
+        assert m["steps_to_target"] is None or (isinstance(m["steps_to_target"], int) and m["steps_to_target"] > 0)
+    raw = json.loads((tmp_path / "quality-tiny-quick.json").read_text())
+    for run in raw["results"]["runs"]:
+        assert len(run["train_loss"]) == entry["steps"] and all(_finite(v) for v in run["train_loss"])
+        assert all(_finite(v) for v in run["val"].values()) and _finite(run["test"])
+    # every method trains the same number of parameters (uniform rank, same head)
+    assert len({r["trainable_params"] for r in raw["results"]["runs"] if "vas" not in r["label"]
+                and r["label"] != "eva"}) == 1
+
+
+def test_same_data_order_for_every_method_and_new_order_per_seed():
+    a = quality._order(10, 7, 4, seed=3)
+    assert a == quality._order(10, 7, 4, seed=3)
+    assert a != quality._order(10, 7, 4, seed=4)
+    # each epoch is a permutation: the first 10 indices drawn cover every example once
+    flat = [i for step in a for i in step]
+    assert sorted(flat[:10]) == list(range(10))
+
+
+def test_t_quantile_matches_the_t_distribution():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 4, 9, 30):
+        assert abs(t_quantile(0.975, df) - scipy_stats.t.ppf(0.975, df)) < 1e-4
+
+
+def test_paired_difference_verdicts():
+    ours = {0: 0.90, 1: 0.91, 2: 0.92, 3: 0.93, 4: 0.94}
+    theirs = {s: v - 0.05 + 0.001 * s for s, v in ours.items()}
+    assert paired_difference(ours, theirs, higher_is_better=True)["verdict"] == "win"
+    assert paired_difference(theirs, ours, higher_is_better=True)["verdict"] == "loss"
+    assert paired_difference(ours, theirs, higher_is_better=False)["verdict"] == "loss"
+    noisy = {0: 0.9, 1: 0.8, 2: 0.95, 3: 0.85, 4: 0.9}
+    assert paired_difference(noisy, {s: 0.88 for s in noisy}, True)["verdict"] == "tie"
+    assert paired_difference({0: 1.0}, {0: 0.5}, True) is None  # one seed gives no interval
+
+
+def _fake_run(label, seed, lr, val_curve, test):
+    return {"label": label, "seed": seed, "lr": lr, "steps": 20, "init_seconds": 0.1, "trainable_params": 10,
+            "train_loss": [1.0 - 0.01 * i for i in range(20)], "val": {str(k): v for k, v in val_curve.items()},
+            "test": test}
+
+
+def test_summarize_picks_lr_on_val_not_test_and_counts_steps_to_target():
+    runs = []
+    for seed in range(3):
+        # lr 1e-3 has the better val, lr 1e-2 the better test: val must win
+        runs.append(_fake_run("default", seed, 1e-3, {0: 0.1, 10: 0.5, 20: 0.8}, 0.70))
+        runs.append(_fake_run("default", seed, 1e-2, {0: 0.1, 10: 0.4, 20: 0.6}, 0.95))
+        runs.append(_fake_run("cntlora-cross", seed, 1e-3, {0: 0.1, 10: 0.85, 20: 0.86}, 0.80 + 0.01 * seed))
+    s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
+    assert s["methods"]["default"]["lr"] == 1e-3
+    assert s["methods"]["default"]["test_mean"] == pytest.approx(0.70)
+    assert s["methods"]["default"]["steps_to_target"] == 20
+    assert s["methods"]["cntlora-cross"]["steps_to_target"] == 10
+    assert s["methods"]["cntlora-cross"]["vs_default"]["verdict"] == "win"
+    assert s["best_baseline"] == "default"
+
+
+def test_parse_label():
+    assert parse_label("cntlora-cross@ridge=0.1,base=residual,strength=none") == (
+        "cntlora-cross", {"ridge": 0.1, "base": "residual", "strength": None})
+    assert parse_label("default") == ("default", {})
+    with pytest.raises(CNTLoRAError, match="unknown method"):
+        parse_label("cntlora-diagonal")
+    with pytest.raises(CNTLoRAError, match="key=value"):
+        parse_label("cntlora-cross@ridge")
+
+
+def test_channel_linear_is_the_same_function_as_the_conv():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(6, 5, 1, bias=False), nn.ReLU(), nn.Conv2d(5, 4, 1))
+    x = torch.randn(2, 6, 3, 3)
+    before = net(x)
+    targets = convs_to_linear(net, ["0", "2"])
+    assert targets == ["0.linear", "2.linear"]
+    assert isinstance(net[0], ChannelLinear)
+    torch.testing.assert_close(net(x), before)
+    # PEFT's SVD inits accept the wrapped layers and keep the output (PiSSA is residual)
+    model = peft_init("pissa_niter_4", net, {"target_modules": targets, "r": 2, "lora_alpha": 2}, [])
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_summary_entry_keeps_only_canonical_method_names():
+    runs = [_fake_run(label, seed, 1e-3, {0: 0.1, 10: 0.5, 20: 0.8}, 0.7)
+            for label in ("default", "cntlora-cross@ridge=0.1") for seed in range(2)]
+    s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
+    assert set(s["methods"]) == {"default", "cntlora-cross@ridge=0.1"}
+    assert set(quality.summary_entry(s)["methods"]) == {"default"}
+
+
+def test_rank_override_keeps_the_lora_scale():
+    base = {"r": 8, "lora_alpha": 16, "target_modules": ["q"]}
+    method, overrides, harness, lora = quality.resolve_label("cntlora-cross-vas@r=4,calib=16", base)
+    assert (method, overrides, harness) == ("cntlora-cross-vas", {"r": 4, "alpha": 8.0}, {"calib": 16})
+    assert lora == base
+    method, overrides, harness, lora = quality.resolve_label("default@r=16", base)
+    assert overrides == {} and lora["r"] == 16 and lora["lora_alpha"] / lora["r"] == 2.0
+
+
+def test_plots_are_written(tmp_path):
+    labels = ["default"] + [label for sweep in quality.sensitivity_labels().values() for _, label in sweep]
+    runs = [_fake_run(label, seed, 1e-3, {0: 0.1, 10: 0.5, 20: 0.8}, 0.7 + 0.01 * seed)
+            for label in dict.fromkeys(labels) for seed in range(2)]
+    s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
+    paths = quality.plot_task(s, tmp_path) + [quality.plot_sensitivity(s, tmp_path)]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
