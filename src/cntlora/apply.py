@@ -24,7 +24,7 @@ _DECIDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern"
 
 
 def _needs_exact_names(adapted, module_names) -> bool:
-    """PEFT matches list entries as name suffixes and pattern keys as (.*\.)?key$, so a top-level
+    """PEFT matches list entries as name suffixes and pattern keys as `(.*[.])?key$`, so a top-level
     "0" would also claim a nested "2.0"."""
     targets = set(adapted)
     return any(other != name and other.endswith("." + name) for other in module_names for name in targets)

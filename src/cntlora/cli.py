@@ -4,7 +4,8 @@ A thin layer: it turns arguments into models, batches and a CNTLoRAConfig, then 
 library. Errors are one line on stderr and exit code 2; --debug shows the traceback.
 
 Other modules can add commands: if `cntlora.bench` exists, its `add_bench_commands(subparsers)`
-is called with this parser's subparsers; each command it adds sets `func=callable(args)`.
+is called with this parser's subparsers; each command it adds sets `func=callable(args)` (or
+`handler=`), returning an exit code or None.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ PACKAGED_MODELS = ("minilm", "smollm2", "mobilenetv2")
 PACKAGED_DATA = ("bbc-news", "shakespeare", "fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_SIZE = 64
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # where a model family's attention and MLP projections are, by transformers model_type
 FAMILY_TARGETS = {
     "bert": ["query", "key", "value", "dense"],
@@ -177,6 +176,8 @@ def read_images(folder: Path):
                 pixels = pixels.unsqueeze(-1)
             return pixels[..., :3].expand(-1, -1, 3) if pixels.shape[-1] == 1 else pixels[..., :3]
 
+    from .zoo import IMAGENET_MEAN, IMAGENET_STD
+
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     images = []
@@ -257,7 +258,7 @@ def cmd_init(args) -> int:
     from .apply import apply
     from .export import CNTLORA_FILE, save_adapter
     from .plan import solve
-    from .statistics import Statistics, atomic_write, collect_statistics
+    from .statistics import Statistics, collect_statistics
 
     if args.data is None and args.load_stats is None:
         raise CliError("init needs DATA (or --load-stats FILE); e.g. cntlora init minilm bbc-news --out adapter")
@@ -284,15 +285,17 @@ def cmd_init(args) -> int:
     lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
     peft_model = apply(model, plan, lora_config=lora_config)
     save_adapter(peft_model, args.out)
-    record_model(Path(args.out) / CNTLORA_FILE, args, atomic_write)
+    record_model(Path(args.out) / CNTLORA_FILE, args)
     print(plan.summary())
     print(f"wrote {args.out}: load it with cntlora.load_adapter(base, {str(args.out)!r}); "
           f"plain-PEFT copy: cntlora export {args.out} OUT")
     return 0
 
 
-def record_model(meta_path: Path, args, atomic_write) -> None:
+def record_model(meta_path: Path, args) -> None:
     """Note in cntlora.json how to rebuild the base model, so `cntlora export` needs no --model."""
+    from .statistics import atomic_write
+
     meta = json.loads(meta_path.read_text())
     model = args.model if args.model in PACKAGED_MODELS else str(Path(args.model).resolve())
     meta[CLI_KEY] = {"model": model, "model_seed": args.seed, "data": args.data}
@@ -515,9 +518,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    if importlib.util.find_spec("cntlora.bench") is not None:
-        importlib.import_module("cntlora.bench").add_bench_commands(subparsers)
+    _add_bench(subparsers)
     return parser
+
+
+def _add_bench(subparsers) -> None:
+    """`cntlora bench ...` from cntlora.bench, if present. A bench module that fails to load must
+    not take init/inspect/export/demo down with it: `cntlora bench` then reports the failure."""
+    if importlib.util.find_spec("cntlora.bench") is None:
+        return
+    try:
+        importlib.import_module("cntlora.bench").add_bench_commands(subparsers)
+    except Exception as e:  # noqa: BLE001 - reported when the bench command is used
+        problem = f"the benchmarks could not be loaded ({type(e).__name__}: {_one_line(e)}); run with --debug"
+
+        def broken(args):
+            raise CliError(problem) from e
+
+        if "bench" in subparsers.choices:  # registered halfway before failing
+            subparsers.choices["bench"].set_defaults(func=broken)
+        else:
+            p = subparsers.add_parser("bench", help="benchmarks (failed to load)", add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=broken)
 
 
 def _one_line(error: BaseException) -> str:
@@ -541,7 +564,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning)
-        return args.func(args) or 0
+        # commands set func; cntlora.bench's set handler
+        command = getattr(args, "handler", None) or args.func
+        return command(args) or 0
     except KeyboardInterrupt:
         print("cntlora: interrupted", file=sys.stderr)
         return 130

@@ -108,7 +108,7 @@ def train_step(run: Run, batch: Dict[str, torch.Tensor]) -> float:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.rng_state = torch.get_rng_state()
-    run.losses.append(float(loss))
+    run.losses.append(float(loss.detach()))
     run.train_seconds += time.perf_counter() - t0
     return run.losses[-1]
 
@@ -162,6 +162,8 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
              log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Fine-tune CNTLoRA and PEFT's default LoRA side by side; write results.json, loss.png and
     the trained CNTLoRA adapter (plain PEFT format) into out_dir. Returns the results."""
+    import peft
+    import transformers
     from peft import get_peft_model
 
     from . import zoo
@@ -220,7 +222,7 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
     scores = [evaluate(r.model, test, settings.batch_size * 2) for r in runs]
     for run, score in zip(runs, scores):
         log(f"{run.name:<20} test accuracy {score['accuracy']:.2%}  test loss {score['loss']:.4f}  "
-            f"(init {run.init_seconds:.1f} s, train {run.train_seconds:.1f} s)")
+            f"(init {run.init_seconds:.2f} s, train {run.train_seconds:.1f} s)")
 
     export_plain_lora(cnt_model, out / "adapter")
     results = {
@@ -236,7 +238,8 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
         "cntlora_timings": dict(plan.timings),
         "total_seconds": time.perf_counter() - started,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "peft": peft.__version__},
     }
     plot_losses(runs, settings, out / "loss.png")
     write_json(out / "results.json", results)
