@@ -111,10 +111,15 @@ def initialize(
     forward_fn: Optional[Callable] = None,
     mask_fn: Optional[Callable] = None,
     max_stats_memory: Optional[int] = None,
+    offload: bool = False,
+    stats_dtype: Optional[torch.dtype] = None,
+    stop_early: bool = True,
     progress: bool = True,
     adapter_name: str = "default",
 ):
-    """collect_statistics -> solve -> apply in one call; returns a peft.PeftModel."""
+    """collect_statistics -> solve -> apply in one call; returns a peft.PeftModel.
+
+    The collection arguments are those of `collect_statistics`."""
     config = config or CNTLoRAConfig()
     if target_modules is None and lora_config is not None and lora_config.target_modules:
         target_modules = (
@@ -133,6 +138,9 @@ def initialize(
         forward_fn=forward_fn,
         mask_fn=mask_fn,
         max_stats_memory=max_stats_memory,
+        offload=offload,
+        stats_dtype=stats_dtype,
+        stop_early=stop_early,
         progress=progress,
     )
     collect_seconds = time.perf_counter() - t0

@@ -37,6 +37,19 @@ class Spectrum:
         return int((self.s > tol).sum())
 
 
+def _eigh(gram: Tensor):
+    """Symmetric eigendecomposition. On the CPU, matrices this small run single-threaded: MKL's
+    threaded eigh gains nothing at this size and, on a busy machine, was seen 100× slower."""
+    if gram.is_cuda or gram.shape[0] > 2048:
+        return torch.linalg.eigh(gram)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(gram)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def top_singular(delta: Tensor, k: int, seed: int = 0, randomized_above: int = 2048, niter: int = 4) -> Spectrum:
     """The k leading singular triplets; randomized (with a fixed seed) for large layers."""
     m, n = delta.shape
@@ -51,7 +64,7 @@ def top_singular(delta: Tensor, k: int, seed: int = 0, randomized_above: int = 2
     # float64 the leading σ stay accurate far below the rank cut-off used afterwards.
     wide = m <= n
     gram = delta @ delta.T if wide else delta.T @ delta
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = _eigh(gram)
     evals, evecs = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]
     s = evals.sqrt()
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .config import CNTLoRAConfig, CNTLoRAError
 from .decompose import Spectrum, allocate_ranks, component_scores, lora_factors, top_singular
-from .layers import LayerSpec, weight_matrix
-from .solver import mode_constraints, needs_pretrain, pretrain_moments, solve_delta
+from .layers import LayerSpec, base_layer, weight_matrix
+from .solver import mode_constraints, needs_pretrain, pretrain_moments, solve_delta, transfer_matrix
 from .statistics import Statistics
 
 
@@ -127,6 +127,33 @@ def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: 
     return _solve_local(model, stats, config, progress)
 
 
+def _solve_device(modules: Dict[str, nn.Module]) -> torch.device:
+    """Solve where the weights live: the GPU when the model is on one."""
+    return base_layer(next(iter(modules.values()))).weight.device if modules else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the phase timings are true (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _moments_on(stats: Statistics, layer: str, source: Optional[str], device) -> tuple:
+    """(fine, reference or None) moments of a layer's input, float64 on `device`."""
+    fine = stats.moments(layer, device=device)
+    return fine, (stats.moments(layer, "reference", device=device) if source == "reference" else None)
+
+
+def _share_solve(stats: Statistics, group: str) -> bool:
+    """Whether one n×n solve for the whole group beats a solve per layer.
+
+    Per layer costs about Σ(2·m·n² + n³/3); shared, n³/3 + n³ + Σ m·n².
+    """
+    n = stats.layers[group].in_features
+    members = [s for name, s in stats.layers.items() if stats.groups[name] == group]
+    return sum(s.out_features for s in members) + (len(members) - 1) * n / 3 >= n
+
+
 def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool) -> Plan:
     modules = stats.check_model(model)
     constraints = mode_constraints(config)
@@ -150,19 +177,31 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     timings = {"solve": 0.0, "decompose": 0.0}
     spectra: Dict[str, Spectrum] = {}
     w0_norms: Dict[str, float] = {}
+    device = _solve_device(modules)
+    shared: Dict[str, torch.Tensor] = {}  # the current group's transfer matrix, when layers can share it
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
         t0 = time.perf_counter()
         spec = stats.layers[name]
-        fine = stats.moments(name)
-        w0 = weight_matrix(modules[name], spec).detach().to(fine.second.device, torch.float64)
-        reference = stats.moments(name, "reference") if source == "reference" else None
-        pretrain = pretrain_moments(source, fine, w0, reference) if source else None
-        delta = solve_delta(w0, fine, pretrain, constraints, config.ridge)
+        group = stats.groups[name]
+        w0 = weight_matrix(modules[name], spec).detach().to(device, torch.float64)
+        if source != "weights" and _share_solve(stats, group):
+            if group not in shared:
+                shared.clear()
+                fine, reference = _moments_on(stats, group, source, device)
+                pretrain = pretrain_moments(source, fine, w0, reference) if source else None
+                shared[group] = transfer_matrix(fine, pretrain, constraints, config.ridge)
+            delta = w0 @ shared[group]
+        else:
+            fine, reference = _moments_on(stats, name, source, device)
+            pretrain = pretrain_moments(source, fine, w0, reference) if source else None
+            delta = solve_delta(w0, fine, pretrain, constraints, config.ridge)
+        _sync(device)
         t1 = time.perf_counter()
         spectra[name] = top_singular(delta, config.max_rank, config.seed, config.randomized_svd_above, config.svd_niter)
         w0_norms[name] = float(torch.linalg.norm(w0))
         timings["solve"] += t1 - t0
         timings["decompose"] += time.perf_counter() - t1
+    shared.clear()
 
     budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in stats.layers.values())
     if config.vas:

@@ -173,17 +173,11 @@ def _apply_target(r: Union[float, Tensor], q: Optional[Tensor], moments: Moments
     return out
 
 
-def solve_delta(
-    weight: Tensor,
-    fine: Moments,
-    pretrain: Optional[Moments],
-    constraints: Sequence[Constraint],
-    ridge: float,
-) -> Tensor:
-    """ΔW (m × n) for one layer, in the dtype of the moments (use float64)."""
+def _normal_equations(
+    fine: Moments, pretrain: Optional[Moments], constraints: Sequence[Constraint], ridge: float
+) -> Tuple[Tensor, Tensor]:
+    """(Cholesky factor of Σ_k w_k C_k + λI, rhs = Σ_k w_k (R_k C_k + q_k muᵀ)); W0 enters later."""
     n = fine.dim
-    if weight.shape[1] != n:
-        raise CNTLoRAError(f"weight has {weight.shape[1]} inputs but the statistics have {n}")
     dtype, device = fine.second.dtype, fine.second.device
     dist = {"fine": fine, "pretrain": pretrain}
     if needs_pretrain(constraints) and pretrain is None:
@@ -208,6 +202,35 @@ def solve_delta(
             "the constraint system is singular (the inputs span fewer than n directions); "
             "raise ridge (e.g. ridge=1e-2) or collect more data"
         )
+    return chol, rhs
+
+
+def solve_delta(
+    weight: Tensor,
+    fine: Moments,
+    pretrain: Optional[Moments],
+    constraints: Sequence[Constraint],
+    ridge: float,
+) -> Tensor:
+    """ΔW (m × n) for one layer, in the dtype of the moments (use float64)."""
+    n = fine.dim
+    if weight.shape[1] != n:
+        raise CNTLoRAError(f"weight has {weight.shape[1]} inputs but the statistics have {n}")
+    chol, rhs = _normal_equations(fine, pretrain, constraints, ridge)
+    w0 = weight.to(dtype=rhs.dtype, device=rhs.device)
+    if w0.shape[0] > n:  # tall W0: n right-hand sides instead of m (n³ + m·n² instead of 2·m·n²)
+        return w0 @ torch.cholesky_solve(rhs.T, chol).T
     # ΔW = W0 · rhs · gram⁻¹  <=>  ΔWᵀ = gram⁻¹ · (W0 · rhs)ᵀ, gram symmetric.
-    w0 = weight.to(dtype=dtype, device=device)
     return torch.cholesky_solve((w0 @ rhs).T, chol).T
+
+
+def transfer_matrix(
+    fine: Moments, pretrain: Optional[Moments], constraints: Sequence[Constraint], ridge: float
+) -> Tensor:
+    """T (n × n) with ΔW = W0 · T for every layer whose system does not depend on its own W0.
+
+    Layers that share an input (q/k/v, gate/up) and whose pre-training statistics do not
+    come from their weights then share one factorization and one solve.
+    """
+    chol, rhs = _normal_equations(fine, pretrain, constraints, ridge)
+    return torch.cholesky_solve(rhs.T, chol).T

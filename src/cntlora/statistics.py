@@ -1,8 +1,14 @@
 """Collect: forward hooks on the target layers -> sums of x and x xᵀ per distinct input.
 
-Nothing but running sums is kept: C += XᵀX with one GEMM per layer input per batch.
-Layers that receive the same input tensor in one forward pass (q/k/v, gate/up) share one
-statistic. Sums can be saved to and loaded from safetensors.
+Nothing but running sums is kept: C += XᵀX with one GEMM per layer input per batch, on
+the model's device and without a host-device sync per batch. Layers that receive the same
+input tensor in one forward pass (q/k/v, gate/up) share one statistic. Sums can be saved
+to and loaded from safetensors.
+
+Precision: the per-batch GEMM multiplies the layer's own activations (bf16/fp16 inputs go
+through a GEMM with float32 output where the device has one) and accumulates in float32;
+the running sums over batches are float32 on GPUs and float64 on the CPU by default
+(`stats_dtype` picks either).
 """
 
 from __future__ import annotations
@@ -31,23 +37,28 @@ FORMAT_VERSION = 1
 class Sums:
     """Running sums over the rows x of one distinct layer input."""
 
-    count: torch.Tensor  # scalar, float64
-    total: torch.Tensor  # n, float64
-    outer: torch.Tensor  # n × n, float64
+    count: torch.Tensor  # scalar
+    total: torch.Tensor  # n
+    outer: torch.Tensor  # n × n (float32 or float64: the accumulator dtype)
 
     @classmethod
     def zeros(cls, n: int, device, dtype=torch.float64) -> "Sums":
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(()), z(n), z(n, n))
+        # the count stays float64: float32 stops counting exactly at 2**24 rows
+        return cls(torch.zeros((), dtype=torch.float64, device=device), z(n), z(n, n))
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {"count": self.count, "total": self.total, "outer": self.outer}
 
-    def moments(self) -> Moments:
+    def moments(self, device=None) -> Moments:
+        """Float64 moments (what the solve needs, whatever the accumulator was), on `device`
+        (default: where the sums are); moved before the conversion, so offloaded sums are
+        converted on the GPU."""
         n = float(self.count)
         if n <= 0:
             raise CNTLoRAError("no rows were collected for a layer (every position was masked out?)")
-        return Moments(n, self.total / n, self.outer / n)
+        total, outer = (self.total, self.outer) if device is None else (self.total.to(device), self.outer.to(device))
+        return Moments(n, total.double() / n, outer.double() / n)
 
 
 @dataclass
@@ -63,11 +74,11 @@ class Statistics:
     weight_digest: Dict[str, str]
     info: dict
 
-    def moments(self, layer: str, which: str = "fine") -> Moments:
+    def moments(self, layer: str, which: str = "fine", device=None) -> Moments:
         sums = self.fine if which == "fine" else self.reference
         if sums is None:
             raise CNTLoRAError("these statistics have no reference set; pass reference_dataloader= when collecting")
-        return sums[self.groups[layer]].moments()
+        return sums[self.groups[layer]].moments(device)
 
     def nbytes(self) -> int:
         sets = [self.fine] + ([self.reference] if self.reference else [])
@@ -210,11 +221,108 @@ def to_device(batch, device):
     return batch
 
 
+# Inputs at least this wide fill only the upper block triangle of XᵀX (blocks of n/4 or
+# n/2 still keep the GEMMs large), which saves up to 3/8 of the statistics' FLOPs; the
+# lower blocks are mirrored once at the end of the pass (symmetrize_gram).
+BLOCKED_GRAM_FROM = 4096
+
+
+def gram_blocks(n: int) -> List[tuple]:
+    """Column ranges (start, stop) of the blocks XᵀX is computed in."""
+    parts = 1 if n < BLOCKED_GRAM_FROM else (2 if n < 2 * BLOCKED_GRAM_FROM else 4)
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+_GEMM_KIND: Dict[tuple, str] = {}
+
+
+def _gemm_kind(rows: torch.Tensor, acc: torch.Tensor) -> str:
+    """How to add rowsᵀ·rows into acc on this device, checked once per (device, dtypes).
+
+    "fused": one addmm with float32 output written into the accumulator (CUDA, bf16/fp16);
+    "mm_out": a float32-output GEMM, then an add; "upcast": float32 rows, then addmm.
+    Each candidate is checked against the float32 result before it is trusted.
+    """
+    key = (rows.device.type, rows.dtype, acc.dtype)
+    if key in _GEMM_KIND:
+        return _GEMM_KIND[key]
+    kind = "upcast"
+    if rows.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+        gen = torch.Generator(device=rows.device).manual_seed(0)
+        x = torch.randn(64, 48, device=rows.device, generator=gen).to(rows.dtype)
+        want = x.float().T @ x.float() + 1.0  # onto a running sum that is not zero
+        for candidate in ("fused", "mm_out"):
+            try:
+                whole = torch.ones(48, 48, device=rows.device)
+                _add_product(candidate, whole, x.T, x)
+                outer = torch.zeros(64, 64, device=rows.device)  # a strided block, as in blocked grams
+                outer[8:56, 8:56] = 1.0
+                _add_product(candidate, outer[8:56, 8:56], x.T, x)
+                close = lambda got: torch.allclose(got, want, rtol=1e-3, atol=1e-3)  # noqa: E731
+                if close(whole) and close(outer[8:56, 8:56]) and float(outer[:8].abs().sum()) == 0:
+                    kind = candidate
+                    break
+            except (RuntimeError, TypeError):
+                continue
+    _GEMM_KIND[key] = kind
+    return kind
+
+
+def _add_product(kind: str, acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    if kind == "fused":
+        torch.addmm(acc, left, right, out_dtype=torch.float32, out=acc)
+    elif kind == "mm_out":
+        acc.add_(torch.mm(left, right, out_dtype=torch.float32))
+    elif acc.dtype == torch.float32:
+        acc.addmm_(left.float(), right.float())
+    else:  # float64 running sums of float32 per-batch products
+        acc.add_(left.float() @ right.float())
+
+
+def add_gram(acc: torch.Tensor, rows: torch.Tensor) -> None:
+    """acc += rowsᵀ·rows; for wide inputs only the blocks on and above the diagonal."""
+    kind = _gemm_kind(rows, acc)
+    blocks = gram_blocks(acc.shape[0])
+    for i, (a0, a1) in enumerate(blocks):
+        left = rows[:, a0:a1].T
+        for b0, b1 in blocks[i:]:
+            _add_product(kind, acc[a0:a1, b0:b1], left, rows[:, b0:b1])
+
+
+def symmetrize_gram(acc: torch.Tensor) -> None:
+    """Copy the upper blocks filled by add_gram into the lower ones."""
+    blocks = gram_blocks(acc.shape[0])
+    for i, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[i + 1:]:
+            acc[b0:b1, a0:a1] = acc[a0:a1, b0:b1].T
+
+
+def stats_dtype_for(device: torch.device, stats_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The running sums' dtype: float32 on GPUs (fast GEMM accumulation), float64 on the CPU."""
+    if stats_dtype is None:
+        return torch.float32 if device.type == "cuda" else torch.float64
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise CNTLoRAError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
+    return stats_dtype
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook to end a forward pass early; caught by _run_pass."""
+
+
 class _Collector:
     """Forward pre-hooks that add each distinct layer input into its running sums."""
 
-    def __init__(self, modules: Dict[str, nn.Module], specs: Dict[str, LayerSpec], groups: Optional[Dict[str, str]]):
-        self.modules, self.specs = modules, specs
+    def __init__(
+        self,
+        modules: Dict[str, nn.Module],
+        specs: Dict[str, LayerSpec],
+        groups: Optional[Dict[str, str]],
+        dtype: torch.dtype = torch.float64,
+        stop_early: bool = False,
+    ):
+        self.modules, self.specs, self.dtype, self.stop_early = modules, specs, dtype, stop_early
         self.groups = dict(groups) if groups else {}
         self.discover = groups is None
         self.active: set = set()
@@ -222,16 +330,25 @@ class _Collector:
         self.mask: Optional[torch.Tensor] = None
         self.seen: dict = {}
         self.fired: set = set()
+        self.order: List[str] = []  # the targets in the order they first ran
+        self.calls: Dict[str, int] = {}  # hook calls per target in the current batch
+        self.stop_at: Optional[str] = None  # the last input this pass needs: stop the forward there
 
     def start_batch(self, mask: Optional[torch.Tensor]) -> None:
         self.mask = mask
         self.seen = {}
+        self.calls = {}
 
     def hook(self, name: str):
         spec = self.specs[name]
 
         def pre_hook(module, args):
-            self.fired.add(name)
+            if name not in self.fired:
+                self.order.append(name)
+                self.fired.add(name)
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] > 1:  # a layer run twice per forward (shared weights): never stop early
+                self.stop_early, self.stop_at = False, None
             x = args[0]
             if self.discover:
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), spec.featurizer)
@@ -243,21 +360,37 @@ class _Collector:
                     self.seen[key] = (weakref.ref(x), self.groups[name])
             if self.groups.get(name) != name or name not in self.active:
                 return
-            rows = input_rows(x.detach(), spec).float()
+            rows = input_rows(x.detach(), spec)
+            if not rows.is_floating_point():
+                rows = rows.float()
             keep = row_mask(x, spec, self.mask)
             sums = self.sums.get(name)
             if sums is None:
-                sums = self.sums[name] = Sums.zeros(spec.in_features, rows.device)
+                sums = self.sums[name] = Sums.zeros(spec.in_features, rows.device, self.dtype)
             if keep is None:
                 sums.count += rows.shape[0]
             else:
                 keep = keep.to(rows.dtype)
-                rows = rows * keep.unsqueeze(1)
-                sums.count += keep.sum()
-            sums.total += rows.sum(0)
-            sums.outer += rows.T @ rows
+                rows = rows * keep.unsqueeze(1)  # a 0/1 weight: exact in any dtype
+                sums.count += keep.sum(dtype=sums.count.dtype)
+            sums.total += rows.sum(0, dtype=sums.total.dtype)
+            add_gram(sums.outer, rows)
+            if name == self.stop_at:
+                raise _StopForward
 
         return pre_hook
+
+    def seen_every_target(self) -> None:
+        """After a batch: once every target has run, the sharing is known and discovery ends."""
+        if self.discover and len(self.fired) == len(self.modules):
+            self.discover = False
+            self.plan_stop()
+
+    def plan_stop(self) -> None:
+        """Stop each forward pass at the last layer input this pass collects (skipping, e.g., the
+        LM head and, in a pass of a memory-capped collection, every layer after its group)."""
+        needed = [n for n in self.order if self.groups.get(n) == n and n in self.active]
+        self.stop_at = needed[-1] if (self.stop_early and not self.discover and needed) else None
 
     @contextmanager
     def attached(self):
@@ -295,10 +428,17 @@ def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_
     for batch in dataloader:
         if max_batches is not None and batches >= max_batches:
             break
+        mask = _host_mask(mask_fn(batch))  # before the move: checking a host mask costs no device sync
         batch = to_device(batch, device)
-        mask = mask_fn(batch)
+        mask = mask_fn(batch) if mask is _ON_DEVICE else mask
+        if mask is not None:
+            mask = mask.to(device, non_blocking=True)
         collector.start_batch(mask)
-        forward_fn(model, batch)
+        try:
+            forward_fn(model, batch)
+        except _StopForward:
+            pass
+        collector.seen_every_target()
         batches += 1
         bar.update(1)
         if max_tokens is not None:
@@ -311,6 +451,19 @@ def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_
     return batches, tokens
 
 
+_ON_DEVICE = object()
+
+
+def _host_mask(mask: Optional[torch.Tensor]):
+    """None for a host mask that keeps every position (then no row is multiplied by it); a
+    mask already on an accelerator is taken as it is (_ON_DEVICE), since reading it would sync."""
+    if mask is None:
+        return None
+    if mask.device.type != "cpu":
+        return _ON_DEVICE
+    return None if bool(mask.all()) else mask
+
+
 def _batch_rows(batch) -> int:
     first = batch
     while isinstance(first, (dict, list, tuple)):
@@ -318,14 +471,16 @@ def _batch_rows(batch) -> int:
     return int(first.shape[0] * (first.shape[1] if first.dim() > 1 else 1))
 
 
-def _memory_passes(groups: Dict[str, str], specs: Dict[str, LayerSpec], cap: Optional[int]) -> List[List[str]]:
-    """Split the distinct inputs into passes whose float64 sums fit in `cap` bytes."""
+def _memory_passes(
+    groups: Dict[str, str], specs: Dict[str, LayerSpec], cap: Optional[int], itemsize: int = 8
+) -> List[List[str]]:
+    """Split the distinct inputs into passes whose sums (itemsize bytes an entry) fit in `cap` bytes."""
     leaders = sorted(set(groups.values()), key=lambda g: list(specs).index(g))
     if cap is None:
         return [leaders]
     passes, current, used = [], [], 0
     for g in leaders:
-        need = 8 * (specs[g].in_features ** 2 + specs[g].in_features + 1)
+        need = itemsize * (specs[g].in_features ** 2 + specs[g].in_features + 1)
         if need > cap:
             raise CNTLoRAError(
                 f"the statistics of {g!r} alone need {need} bytes, over max_stats_memory={cap}; raise the cap"
@@ -368,6 +523,8 @@ def collect_statistics(
     max_stats_memory: Optional[int] = None,
     offload: bool = False,
     progress: bool = True,
+    stats_dtype: Optional[torch.dtype] = None,
+    stop_early: bool = True,
 ) -> Statistics:
     """Run the frozen model over the data and return the sums CNTLoRA solves from.
 
@@ -376,12 +533,19 @@ def collect_statistics(
     tensor of positions to keep (default: attention_mask, minus labels == -100).
     max_stats_memory (bytes) bounds the sums held at once: the layers are split into groups
     and the data is passed once per group. offload moves finished sums to the CPU.
+    stats_dtype: torch.float32 or torch.float64 running sums (default: float32 on GPUs,
+    float64 on the CPU).
+    stop_early: end each forward pass (by an exception from the hook, caught here) once the
+    last layer input it collects has been seen, so the rest of the network (the LM head; the
+    later layers in a pass of a memory-capped collection) never runs. Turn it off when
+    forward_fn must run to the end (side effects, FSDP's post-forward resharding).
     """
     forward_fn = forward_fn or default_forward
     mask_fn = mask_fn or default_mask
     modules = find_targets(model, target_modules)
     specs = {name: layer_spec(name, m) for name, m in modules.items()}
     device = _model_device(model)
+    dtype = stats_dtype_for(device, stats_dtype)
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
@@ -391,7 +555,7 @@ def collect_statistics(
     sets = [("fine", dataloader)] + ([("reference", reference_dataloader)] if reference_dataloader is not None else [])
     results: Dict[str, Dict[str, Sums]] = {}
     info = {}
-    collector = _Collector(modules, specs, None)
+    collector = _Collector(modules, specs, None, dtype, stop_early)
     with _eval_mode(model):
         passes: List[Optional[List[str]]] = [None]  # None: every layer, sharing learned on the way
         if max_stats_memory is not None:  # learn the sharing from one batch, then plan the passes
@@ -402,7 +566,7 @@ def collect_statistics(
                     forward_fn(model, batch)
                 break
             _finish_discovery(collector)
-            passes = _memory_passes(collector.groups, specs, max_stats_memory)
+            passes = _memory_passes(collector.groups, specs, max_stats_memory, dtype.itemsize)
         for which, loader in sets:
             results[which] = {}
             for index, active in enumerate(passes):
@@ -413,14 +577,18 @@ def collect_statistics(
                     )
                 collector.sums = {}
                 collector.active = set(active or modules)
+                collector.plan_stop()
                 desc = which if len(passes) == 1 else f"{which} {index + 1}/{len(passes)}"
                 with collector.attached():
                     batches, _ = _run_pass(model, loader, collector, desc=desc, progress=progress, **run)
                 _finish_discovery(collector)
                 for g, s in collector.sums.items():
+                    symmetrize_gram(s.outer)
                     results[which][g] = Sums(s.count.cpu(), s.total.cpu(), s.outer.cpu()) if offload else s
             info[which] = {"batches": batches, "passes": len(passes)}
             _all_reduce(results[which])
+    info["stats_dtype"] = str(dtype).replace("torch.", "")
+    info["gemm"] = {str(k[1]).replace("torch.", ""): v for k, v in _GEMM_KIND.items() if k[0] == device.type}
 
     for which, sums in results.items():
         for g, s in sums.items():
