@@ -247,7 +247,7 @@ def test_error_reference_source_without_reference():
     model = TwoLayerMLP()
     stats = cntlora.collect_statistics(model, feature_batches(), ["fc1"], progress=False)
     with pytest.raises(CNTLoRAError, match="reference_dataloader"):
-        cntlora.solve(model, stats, CNTLoRAConfig(r=2, pretrain_source="reference"))
+        cntlora.solve(model, stats, CNTLoRAConfig(mode="cross", r=2, pretrain_source="reference"))
 
 
 def test_error_unsupported_layer_type():

@@ -22,13 +22,7 @@ from cntlora.layers import find_targets, layer_spec
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyCNN(nn.Module):
@@ -121,7 +115,7 @@ def initialized(kind, base, vas, use_rslora=False, budget_share=0.7):
     r = 2
     specs = [layer_spec(n, m) for n, m in find_targets(original, targets).items()]
     budget = int(budget_share * sum(r * (s.out_features + s.in_features) for s in specs)) if vas else None
-    cfg = CNTLoRAConfig(r=r, alpha=4.0, base=base, vas=vas, budget=budget, use_rslora=use_rslora, seed=0)
+    cfg = CNTLoRAConfig(mode="cross", r=r, alpha=4.0, base=base, vas=vas, budget=budget, use_rslora=use_rslora, seed=0)
     lora_config = LoraConfig(lora_dropout=0.0, modules_to_save=to_save)
     model = cntlora.initialize(
         copy.deepcopy(original), data(), cfg, target_modules=targets, lora_config=lora_config, progress=False

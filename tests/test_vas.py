@@ -15,13 +15,7 @@ from cntlora.decompose import allocate_ranks, component_scores, top_singular
 from cntlora.export import load_adapter, save_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_problem(seed):

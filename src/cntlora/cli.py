@@ -435,7 +435,7 @@ def _add_init(subparsers, common):
     p.add_argument("data", metavar="DATA", nargs="?", help="text file, .jsonl, image folder or packaged data name")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write (replaced atomically)")
     c = p.add_argument_group("CNTLoRA options (see CNTLoRAConfig)")
-    c.add_argument("--mode", choices=MODES, default="cross")
+    c.add_argument("--mode", choices=MODES, default=CNTLoRAConfig.mode)
     c.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     c.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: r, so s = 1)")
     c.add_argument("--base", choices=BASES, default="subspace")

@@ -40,9 +40,14 @@ class CNTLoRAConfig:
     vas, budget, r_min, r_max, vas_score: variable ranks under a parameter budget.
     constraints: a list of cntlora.Constraint replacing the mode's preset.
     seed: seeds the randomized SVD and the random padding rows of A.
+    randomized_svd_above: layers with min(m, n) above this use a randomized SVD. None picks 256
+        on GPUs, where the exact path cost ~2 s per 1B model, and 2048 on CPUs.
+
+    The defaults (mode="self", base="subspace", vas=False) follow the quality benchmark:
+    docs/benchmarks.md.
     """
 
-    mode: str = "cross"
+    mode: str = "self"
     r: int = 8
     alpha: float = 8.0
     base: str = "subspace"
@@ -59,7 +64,7 @@ class CNTLoRAConfig:
     vas_score: str = "energy"
     constraints: Optional[list] = field(default=None, repr=False)
     seed: int = 0
-    randomized_svd_above: int = 2048
+    randomized_svd_above: Optional[int] = None  # None: 256 on GPUs, 2048 on CPUs
     svd_niter: int = 4
 
     def __post_init__(self) -> None:

@@ -197,7 +197,10 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             delta = solve_delta(w0, fine, pretrain, constraints, config.ridge)
         _sync(device)
         t1 = time.perf_counter()
-        spectra[name] = top_singular(delta, config.max_rank, config.seed, config.randomized_svd_above, config.svd_niter)
+        above = config.randomized_svd_above
+        if above is None:
+            above = 256 if delta.is_cuda else 2048
+        spectra[name] = top_singular(delta, config.max_rank, config.seed, above, config.svd_niter)
         w0_norms[name] = float(torch.linalg.norm(w0))
         timings["solve"] += t1 - t0
         timings["decompose"] += time.perf_counter() - t1

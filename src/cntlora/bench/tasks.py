@@ -36,6 +36,19 @@ def _exported() -> Path | None:
     return Path(folder) if folder else None
 
 
+def _fresh_head_builder(template: nn.Module, reset_head):
+    """A model factory: a copy of `template` whose new head is re-initialized from the seed."""
+
+    def build(seed):
+        model = copy.deepcopy(template)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            reset_head(model)
+        return model
+
+    return build
+
+
 def _split(n: int, val: int, test: int, pool: int):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     return perm[:val], perm[val : val + test], perm[val + test : val + test + pool]
@@ -129,12 +142,7 @@ def text_task(quick=False, train_size=None, max_length=128) -> Task:
             mask[row, : len(x)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in examples])}
 
-    def build(seed):
-        model = copy.deepcopy(template)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.classifier.reset_parameters()
-        return model
+    build = _fresh_head_builder(template, lambda model: model.classifier.reset_parameters())
 
     return Task(
         name=_name("text", quick, train_size),
@@ -192,12 +200,7 @@ def vision_task(quick=False, train_size=None, image_size=64) -> Task:
     targets = convs_to_linear(base, pointwise_convs(base))
     base.classifier[1] = nn.Linear(1280, 10)
 
-    def build(seed):
-        model = copy.deepcopy(base)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            zoo._init_linear(model.classifier[1])
-        return model
+    build = _fresh_head_builder(base, lambda model: zoo._init_linear(model.classifier[1]))
 
     def collate(examples):
         images = torch.stack([x for x, _ in examples])
@@ -277,12 +280,7 @@ def tiny_task(quick=False, train_size=None) -> Task:
         x = torch.stack([r[0] for r in rows])
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.stack([r[1] for r in rows])}
 
-    def build(seed):
-        model = copy.deepcopy(template)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.classifier.reset_parameters()
-        return model
+    build = _fresh_head_builder(template, lambda model: model.classifier.reset_parameters())
 
     n = train_size or 48
     return Task(
