@@ -212,3 +212,12 @@ def test_diag_alignment_matches_variances_and_means():
     assert torch.allclose(a_s**2 * (torch.diagonal(mf.covariance) + lam), torch.diagonal(mp.covariance) + lam)
     transformed = (a - mf.mean) * a_s + mp.mean  # T applied to the fine-tuning samples
     assert torch.allclose(transformed.mean(0), mp.mean)
+
+
+def test_a_row_norm_sets_subspace_scale(collected):
+    model, stats, _, _ = collected
+    plan = cntlora.solve(model, stats, CNTLoRAConfig(r=3, base="subspace", a_row_norm=1.0))
+    for lp in plan.layers.values():
+        assert torch.allclose(lp.A.double().norm(dim=1), torch.ones(3, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(cntlora.CNTLoRAError, match="a_row_norm"):
+        CNTLoRAConfig(a_row_norm=0.0)

@@ -40,6 +40,8 @@ class CNTLoRAConfig:
     vas, budget, r_min, r_max, vas_score: variable ranks under a parameter budget.
     constraints: a list of cntlora.Constraint replacing the mode's preset.
     seed: seeds the randomized SVD and the random padding rows of A.
+    a_row_norm: row norm of A in subspace mode and of A's padding rows; None is the expected
+        row norm of PEFT's default A, 1/sqrt(3).
     randomized_svd_above: layers with min(m, n) above this use a randomized SVD. None picks 256
         on GPUs, where the exact path cost ~2 s per 1B model, and 2048 on CPUs.
 
@@ -64,6 +66,7 @@ class CNTLoRAConfig:
     vas_score: str = "energy"
     constraints: Optional[list] = field(default=None, repr=False)
     seed: int = 0
+    a_row_norm: Optional[float] = None
     randomized_svd_above: Optional[int] = None  # None: 256 on GPUs, 2048 on CPUs
     svd_niter: int = 4
 
@@ -89,6 +92,8 @@ class CNTLoRAConfig:
             raise CNTLoRAError(
                 f"need 0 <= r_min <= r_max and r_max >= 1, got r_min={self.r_min}, r_max={self.r_max}"
             )
+        if self.a_row_norm is not None and not self.a_row_norm > 0:
+            raise CNTLoRAError(f"a_row_norm must be positive or None (LoRA's default), got {self.a_row_norm!r}")
         if self.budget is not None and self.budget <= 0:
             raise CNTLoRAError(f"budget must be a positive parameter count, got {self.budget!r}")
         if self.constraints is not None and len(self.constraints) == 0:

@@ -101,6 +101,7 @@ def lora_factors(
     w0_norm: float,
     strength: Optional[float],
     seed: int = 0,
+    a_row_norm: float = DEFAULT_A_ROW_NORM,
 ) -> tuple:
     """(B m×rank, A rank×n, cap) for one layer.
 
@@ -114,9 +115,9 @@ def lora_factors(
     kept = min(rank, spectrum.numerical_rank())
     u, s, v = spectrum.u[:, :kept], spectrum.s[:kept], spectrum.v[:, :kept]
     gen = torch.Generator().manual_seed(seed)
-    pad = orthogonal_rows(v, rank - kept, gen) * DEFAULT_A_ROW_NORM
+    pad = orthogonal_rows(v, rank - kept, gen) * a_row_norm
     if base == "subspace":
-        a = torch.cat([v.T * DEFAULT_A_ROW_NORM, pad])
+        a = torch.cat([v.T * a_row_norm, pad])
         return torch.zeros(m, rank, dtype=a.dtype, device=a.device), a, 1.0
     cap = cap_factor(float(s.pow(2).sum()), w0_norm, strength)
     root = (s * cap / scale).sqrt()

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CNTLoRAConfig, CNTLoRAError
-from .decompose import Spectrum, allocate_ranks, component_scores, lora_factors, top_singular
+from .decompose import DEFAULT_A_ROW_NORM, Spectrum, allocate_ranks, component_scores, lora_factors, top_singular
 from .layers import LayerSpec, base_layer, weight_matrix
 from .solver import mode_constraints, needs_pretrain, pretrain_moments, solve_delta, transfer_matrix
 from .statistics import Statistics
@@ -220,7 +220,8 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         sp = spectra[name]
         if ranks[name] > 0:
             b, a, cap = lora_factors(
-                sp, ranks[name], config.scale, config.base, w0_norms[name], config.strength, seed=config.seed + i
+                sp, ranks[name], config.scale, config.base, w0_norms[name], config.strength, seed=config.seed + i,
+                a_row_norm=config.a_row_norm if config.a_row_norm is not None else DEFAULT_A_ROW_NORM,
             )
         else:
             b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
