@@ -264,3 +264,13 @@ def test_error_fully_masked():
     batches[0]["attention_mask"][:] = 0
     with pytest.raises(CNTLoRAError, match="masked out"):
         cntlora.collect_statistics(tiny_bert(), batches, ["query"], progress=False)
+
+
+def test_saved_statistics_have_ordinary_permissions(tmp_path):
+    import os
+
+    stats = cntlora.collect_statistics(TwoLayerMLP(), feature_batches(), ["fc1"], progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -364,10 +364,7 @@ def summary_entry(summary: dict, only: Sequence[str] = METHODS) -> dict:
 
 
 def write_json(path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, allow_nan=False)))
-    os.chmod(path, 0o644)  # the temporary file was private; results are ordinary files
 
 
 def update_summary(path, task_name: str, entry: dict) -> dict:
