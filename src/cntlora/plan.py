@@ -132,7 +132,7 @@ def _solve_device(modules: Dict[str, nn.Module]) -> torch.device:
     return base_layer(next(iter(modules.values()))).weight.device if modules else torch.device("cpu")
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so the phase timings are true (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -179,6 +179,9 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     w0_norms: Dict[str, float] = {}
     device = _solve_device(modules)
     shared: Dict[str, torch.Tensor] = {}  # the current group's transfer matrix, when layers can share it
+    above = config.randomized_svd_above
+    if above is None:
+        above = 256 if device.type == "cuda" else 2048
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
         t0 = time.perf_counter()
         spec = stats.layers[name]
@@ -195,11 +198,8 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             fine, reference = _moments_on(stats, name, source, device)
             pretrain = pretrain_moments(source, fine, w0, reference) if source else None
             delta = solve_delta(w0, fine, pretrain, constraints, config.ridge)
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
-        above = config.randomized_svd_above
-        if above is None:
-            above = 256 if delta.is_cuda else 2048
         spectra[name] = top_singular(delta, config.max_rank, config.seed, above, config.svd_niter)
         w0_norms[name] = float(torch.linalg.norm(w0))
         timings["solve"] += t1 - t0

@@ -219,7 +219,7 @@ def solve_delta(
     chol, rhs = _normal_equations(fine, pretrain, constraints, ridge)
     w0 = weight.to(dtype=rhs.dtype, device=rhs.device)
     if w0.shape[0] > n:  # tall W0: n right-hand sides instead of m (n³ + m·n² instead of 2·m·n²)
-        return w0 @ torch.cholesky_solve(rhs.T, chol).T
+        return w0 @ _transfer(chol, rhs)
     # ΔW = W0 · rhs · gram⁻¹  <=>  ΔWᵀ = gram⁻¹ · (W0 · rhs)ᵀ, gram symmetric.
     return torch.cholesky_solve((w0 @ rhs).T, chol).T
 
@@ -232,5 +232,9 @@ def transfer_matrix(
     Layers that share an input (q/k/v, gate/up) and whose pre-training statistics do not
     come from their weights then share one factorization and one solve.
     """
-    chol, rhs = _normal_equations(fine, pretrain, constraints, ridge)
+    return _transfer(*_normal_equations(fine, pretrain, constraints, ridge))
+
+
+def _transfer(chol: Tensor, rhs: Tensor) -> Tensor:
+    """rhs · gram⁻¹ from gram's Cholesky factor (gram symmetric, so via the transposed system)."""
     return torch.cholesky_solve(rhs.T, chol).T

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..config import CNTLoRAConfig, CNTLoRAError
+from ..plan import synchronize
 from ..statistics import atomic_write, default_forward, to_device
 
 LINEAR_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,11 +90,6 @@ def calibration_batches(name: str, tokenizer, vocab_size: int, seqs: int, seq_le
     return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids.split(batch_size)]
 
 
-def single_sequences(batches: list) -> list:
-    """The same sequences one per batch (CorDA's covariance hook takes batch size 1 only)."""
-    return [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
-
-
 def lm_loss(model, batch):
     """Next-token loss on the batch's own tokens (what LoRA-GA takes gradients of)."""
     return model(**batch, labels=batch["input_ids"]).loss
@@ -125,11 +121,6 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.read())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _release_freed_memory() -> None:
@@ -172,7 +163,7 @@ def run_floor(model, batches, device) -> dict:
     with torch.no_grad():
         for b in batches:
             default_forward(model, to_device(b, device))
-    _sync(device)
+    synchronize(device)
     return {}
 
 
@@ -188,14 +179,14 @@ def run_cntlora(model, batches, device, args, lora_kwargs, holder: dict) -> dict
     t0 = time.perf_counter()
     stats = collect_statistics(model, batches, lora_kwargs["target_modules"], max_stats_memory=args.max_stats_memory,
                                offload=args.offload, progress=False, stats_dtype=_dtype(args.stats_dtype))
-    _sync(device)
+    synchronize(device)
     collect = time.perf_counter() - t0
     stats_info = dict(stats.info)
     stats_bytes = stats.nbytes()
     plan = solve(model, stats, config)
     del stats
     holder["model"] = apply(model, plan)
-    _sync(device)
+    synchronize(device)
     t = plan.timings
     return {"phases": {"collect": collect, "solve": t["solve"], "decompose": t["decompose"], "apply": t["apply"]},
             "stats_info": stats_info, "stats_bytes": stats_bytes}
@@ -226,16 +217,16 @@ def run_eva(model, batches, device, lora_kwargs, cap_seconds: Optional[float], h
             for key, hook in list(module._forward_hooks.items()):
                 if isinstance(hook, _Hook):
                     del module._forward_hooks[key]
-    _sync(device)
+    synchronize(device)
     return {"finished": finished, "forward_batches": forwards[0], "passes_over_data": forwards[0] / len(batches)}
 
 
 def run_peft(method, model, batches, device, lora_kwargs, holder: dict) -> dict:
     from .baselines import peft_init
 
-    data = single_sequences(batches) if method == "corda" else batches
-    holder["model"] = peft_init(method, model, dict(lora_kwargs), data, loss_fn=lm_loss)
-    _sync(device)
+    # peft_init feeds CorDA one sequence at a time itself (its covariance hook takes batch size 1)
+    holder["model"] = peft_init(method, model, dict(lora_kwargs), batches, loss_fn=lm_loss)
+    synchronize(device)
     return {}
 
 
@@ -385,7 +376,7 @@ def svd_ablation(model, batches, device, args, lora_kwargs) -> dict:
         config = CNTLoRAConfig(mode="cross", r=args.r, alpha=float(args.r), seed=args.seed, randomized_svd_above=above)
         t0 = time.perf_counter()
         plan = solve(model, stats, config)
-        _sync(device)
+        synchronize(device)
         out[str(above)] = {"seconds": time.perf_counter() - t0, **plan.timings}
         _progress(args, f"svd ablation, randomized above {above}: {out[str(above)]}")
     return out
