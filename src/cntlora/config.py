@@ -42,8 +42,9 @@ class CNTLoRAConfig:
     seed: seeds the randomized SVD and the random padding rows of A.
     a_row_norm: row norm of A in subspace mode and of A's padding rows; None is the expected
         row norm of PEFT's default A, 1/sqrt(3).
-    randomized_svd_above: layers with min(m, n) above this use a randomized SVD. None picks 256
-        on GPUs, where the exact path cost ~2 s per 1B model, and 2048 on CPUs.
+    randomized_svd_above: layers with min(m, n) above this use a randomized SVD (on the CPU
+        without forming ΔW). None picks 256 on GPUs, where the exact path cost ~2 s per 1B
+        model, and 2048 on CPUs.
 
     The defaults (mode="self", base="subspace", vas=False) follow the quality benchmark:
     docs/benchmarks.md.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -22,12 +22,13 @@ DEFAULT_A_ROW_NORM = 1.0 / math.sqrt(3.0)
 
 @dataclass(frozen=True)
 class Spectrum:
-    """The top singular triplets of ΔW and its total energy ||ΔW||_F²."""
+    """The top singular triplets of ΔW and its total energy ||ΔW||_F² (None when ΔW was never
+    formed: the randomized path on an implicit ΔW sees only products with k vectors)."""
 
     u: Tensor  # m × k
     s: Tensor  # k
     v: Tensor  # n × k
-    energy: float
+    energy: Optional[float]
 
     def numerical_rank(self) -> int:
         if self.s.numel() == 0 or float(self.s[0]) == 0.0:
@@ -50,16 +51,69 @@ def _eigh(gram: Tensor):
         torch.set_num_threads(threads)
 
 
+class MatrixProducts(Protocol):
+    """What the randomized SVD needs of ΔW: its shape, dtype, device and products with blocks of vectors."""
+
+    shape: Tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmul(self, x: Tensor) -> Tensor: ...  # ΔW x, x is n × k
+
+    def rmatmul(self, y: Tensor) -> Tensor: ...  # ΔWᵀ y, y is m × k
+
+
+@dataclass(frozen=True)
+class DenseProducts:
+    matrix: Tensor
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.matrix.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return self.matrix @ x
+
+    def rmatmul(self, y: Tensor) -> Tensor:
+        return self.matrix.T @ y
+
+
+def randomized_svd(op: MatrixProducts, k: int, seed: int = 0, niter: int = 4, oversample: int = 10
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(u m×k, s k, v n×k): the k leading singular triplets by subspace iteration.
+
+    The start block is drawn on the CPU from `seed`, so every device gives the same adapter.
+    The basis is re-orthonormalized once per power step (ΔW ΔWᵀ): in float64 that loses
+    nothing while σ_1/σ_q stays below ~1e6, and halves the QR factorizations, which dominate
+    on GPUs.
+    """
+    m, n = op.shape
+    q = min(k + oversample, m, n)
+    omega = torch.randn(n, q, generator=torch.Generator().manual_seed(seed), dtype=op.dtype).to(op.device)
+    basis, _ = torch.linalg.qr(op.matmul(omega))
+    for _ in range(niter):
+        basis, _ = torch.linalg.qr(op.matmul(op.rmatmul(basis)))
+    # ΔW ≈ basis · (basisᵀ ΔW); the small factor's SVD, taken on its transpose (n × q)
+    small_u, s, small_vh = torch.linalg.svd(op.rmatmul(basis), full_matrices=False)
+    return (basis @ small_vh.T)[:, :k], s[:k], small_u[:, :k]
+
+
 def top_singular(delta: Tensor, k: int, seed: int = 0, randomized_above: int = 2048, niter: int = 4) -> Spectrum:
     """The k leading singular triplets; randomized (with a fixed seed) for large layers."""
     m, n = delta.shape
     k = min(k, m, n)
     energy = float(delta.pow(2).sum())
     if min(m, n) > randomized_above:
-        with torch.random.fork_rng(devices=[delta.device] if delta.is_cuda else []):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(delta, q=min(k + 10, m, n), niter=niter)
-        return Spectrum(u[:, :k], s[:k], v[:, :k], energy)
+        u, s, v = randomized_svd(DenseProducts(delta), k, seed, niter)
+        return Spectrum(u, s, v, energy)
     # Eigendecomposition of the smaller Gram matrix: min(m,n)³ instead of a full SVD. In
     # float64 the leading σ stay accurate far below the rank cut-off used afterwards.
     wide = m <= n
@@ -71,6 +125,13 @@ def top_singular(delta: Tensor, k: int, seed: int = 0, randomized_above: int = 2
     if wide:
         return Spectrum(evecs, s, (delta.T @ evecs) * inv, energy)
     return Spectrum((delta @ evecs) * inv, s, evecs, energy)
+
+
+def top_singular_implicit(op: MatrixProducts, k: int, seed: int = 0, niter: int = 4) -> Spectrum:
+    """The k leading singular triplets of a ΔW known only through its products (energy None)."""
+    m, n = op.shape
+    u, s, v = randomized_svd(op, min(k, m, n), seed, niter)
+    return Spectrum(u, s, v, None)
 
 
 def orthogonal_rows(kept: Tensor, count: int, generator: torch.Generator) -> Tensor:
@@ -128,6 +189,8 @@ def lora_factors(
 
 def component_scores(spectrum: Spectrum, w0_norm: float, score: str) -> Tensor:
     """Score of each singular component: its share of ΔW's energy, or σ² / ||W0||²."""
+    if score == "energy" and spectrum.energy is None:
+        raise CNTLoRAError("the 'energy' VAS score needs ||ΔW||², which the implicit randomized path does not form")
     denom = spectrum.energy if score == "energy" else w0_norm**2
     if denom <= 0:
         return torch.zeros_like(spectrum.s)

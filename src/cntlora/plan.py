@@ -16,9 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CNTLoRAConfig, CNTLoRAError
-from .decompose import DEFAULT_A_ROW_NORM, Spectrum, allocate_ranks, component_scores, lora_factors, top_singular
+from .decompose import (DEFAULT_A_ROW_NORM, Spectrum, allocate_ranks, component_scores, lora_factors, top_singular,
+                        top_singular_implicit)
 from .layers import LayerSpec, base_layer, weight_matrix
-from .solver import mode_constraints, needs_pretrain, pretrain_moments, solve_delta, transfer_matrix
+from .solver import mode_constraints, needs_pretrain, normal_equations, pretrain_moments
 from .statistics import Statistics
 
 
@@ -30,7 +31,7 @@ class LayerPlan:
     B: torch.Tensor  # m × rank, float32
     A: torch.Tensor  # rank × n, float32
     singular_values: torch.Tensor  # the leading σ of ΔW (before the cap)
-    delta_energy: float  # ||ΔW||_F²
+    delta_energy: Optional[float]  # ||ΔW||_F²; None when ΔW was only used implicitly
     w0_norm: float
     cap: float  # trust-region factor applied to ΔW_r (1 = none)
 
@@ -40,7 +41,9 @@ class LayerPlan:
 
     @property
     def energy_share(self) -> float:
-        """Share of ||ΔW||² in the kept components."""
+        """Share of ||ΔW||² in the kept components (nan when ||ΔW||² was not computed)."""
+        if self.delta_energy is None:
+            return float("nan")
         if self.delta_energy <= 0:
             return 0.0
         return float(self.singular_values[: self.rank].pow(2).sum()) / self.delta_energy
@@ -88,10 +91,10 @@ class Plan:
         lines = [f"{'layer':<{name_w}}  {'shape':>11}  {'rank':>4}  {'energy':>6}  {'|ΔW|/|W0|':>9}  {'params':>9}"]
         for n, lp in self.layers.items():
             shape = f"{lp.spec.out_features}x{lp.spec.in_features}"
-            rel = math.sqrt(lp.delta_energy) / lp.w0_norm if lp.w0_norm > 0 else float("nan")
-            lines.append(
-                f"{n:<{name_w}}  {shape:>11}  {lp.rank:>4}  {lp.energy_share:>6.1%}  {rel:>9.3f}  {lp.params:>9,}"
-            )
+            known = lp.delta_energy is not None and lp.w0_norm > 0
+            rel = f"{math.sqrt(lp.delta_energy) / lp.w0_norm:.3f}" if known else "–"
+            share = f"{lp.energy_share:.1%}" if lp.delta_energy is not None else "–"
+            lines.append(f"{n:<{name_w}}  {shape:>11}  {lp.rank:>4}  {share:>6}  {rel:>9}  {lp.params:>9,}")
         c = self.config
         lines.append(
             f"total: {len(self.adapted)}/{len(self.layers)} layers adapted, {self.params:,} parameters "
@@ -138,20 +141,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _moments_on(stats: Statistics, layer: str, source: Optional[str], device) -> tuple:
-    """(fine, reference or None) moments of a layer's input, float64 on `device`."""
-    fine = stats.moments(layer, device=device)
-    return fine, (stats.moments(layer, "reference", device=device) if source == "reference" else None)
+def _system(stats: Statistics, layer: str, source: Optional[str], w0: torch.Tensor, constraints, ridge: float):
+    """The factored normal equations of `layer`'s input, float64 on W0's device."""
+    fine = stats.moments(layer, device=w0.device)
+    reference = stats.moments(layer, "reference", device=w0.device) if source == "reference" else None
+    pretrain = pretrain_moments(source, fine, w0, reference) if source else None
+    return normal_equations(fine, pretrain, constraints, ridge)
 
 
-def _share_solve(stats: Statistics, group: str) -> bool:
-    """Whether one n×n solve for the whole group beats a solve per layer.
+def _share_transfer(stats: Statistics, group: str) -> bool:
+    """Whether one n×n transfer matrix for the whole group beats forming each ΔW on its own.
 
-    Per layer costs about Σ(2·m·n² + n³/3); shared, n³/3 + n³ + Σ m·n².
+    Per layer costs about Σ 2·m·n²; shared, n³ + Σ m·n² (the factorization is shared either way).
     """
     n = stats.layers[group].in_features
     members = [s for name, s in stats.layers.items() if stats.groups[name] == group]
-    return sum(s.out_features for s in members) + (len(members) - 1) * n / 3 >= n
+    return sum(s.out_features for s in members) >= n
 
 
 def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool) -> Plan:
@@ -178,33 +183,51 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     spectra: Dict[str, Spectrum] = {}
     w0_norms: Dict[str, float] = {}
     device = _solve_device(modules)
-    shared: Dict[str, torch.Tensor] = {}  # the current group's transfer matrix, when layers can share it
     above = config.randomized_svd_above
     if above is None:
         above = 256 if device.type == "cuda" else 2048
+    # On the CPU, large layers never form ΔW: the randomized SVD needs only products with it,
+    # which cost a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²). On GPUs the
+    # triangular solves with k right-hand sides are latency-bound (1.9 s for a 1B model on an
+    # H200, against 0.3 s for forming every ΔW; docs/benchmarks.md), so ΔW is formed there.
+    # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
+    implicit_allowed = device.type == "cpu" and not (config.vas and config.vas_score == "energy")
+    group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
         t0 = time.perf_counter()
         spec = stats.layers[name]
         group = stats.groups[name]
         w0 = weight_matrix(modules[name], spec).detach().to(device, torch.float64)
-        if source != "weights" and _share_solve(stats, group):
-            if group not in shared:
-                shared.clear()
-                fine, reference = _moments_on(stats, group, source, device)
-                pretrain = pretrain_moments(source, fine, w0, reference) if source else None
-                shared[group] = transfer_matrix(fine, pretrain, constraints, config.ridge)
-            delta = w0 @ shared[group]
+        implicit = implicit_allowed and min(spec.out_features, spec.in_features) > above
+        if source != "weights":  # the system depends on the shared input only
+            if group not in group_cache:
+                group_cache.clear()
+                group_cache[group] = {"system": _system(stats, group, source, w0, constraints, config.ridge)}
+            cached = group_cache[group]
+            if implicit:
+                products = cached["system"].products(w0)
+            elif _share_transfer(stats, group):
+                if "transfer" not in cached:
+                    cached["transfer"] = cached["system"].transfer()
+                delta = w0 @ cached["transfer"]
+            else:
+                delta = cached["system"].delta(w0)
         else:
-            fine, reference = _moments_on(stats, name, source, device)
-            pretrain = pretrain_moments(source, fine, w0, reference) if source else None
-            delta = solve_delta(w0, fine, pretrain, constraints, config.ridge)
+            system = _system(stats, name, source, w0, constraints, config.ridge)
+            if implicit:
+                products = system.products(w0)
+            else:
+                delta = system.delta(w0)
         synchronize(device)
         t1 = time.perf_counter()
-        spectra[name] = top_singular(delta, config.max_rank, config.seed, above, config.svd_niter)
+        if implicit:
+            spectra[name] = top_singular_implicit(products, config.max_rank, config.seed, config.svd_niter)
+        else:
+            spectra[name] = top_singular(delta, config.max_rank, config.seed, above, config.svd_niter)
         w0_norms[name] = float(torch.linalg.norm(w0))
         timings["solve"] += t1 - t0
         timings["decompose"] += time.perf_counter() - t1
-    shared.clear()
+    group_cache.clear()
 
     budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in stats.layers.values())
     if config.vas:

@@ -173,10 +173,59 @@ def _apply_target(r: Union[float, Tensor], q: Optional[Tensor], moments: Moments
     return out
 
 
-def _normal_equations(
+@dataclass(frozen=True)
+class NormalEquations:
+    """ΔW = W0 · rhs · gram⁻¹, kept as gram's Cholesky factor and rhs; W0 enters last."""
+
+    chol: Tensor  # lower Cholesky factor of Σ_k w_k C_k + λI
+    rhs: Tensor  # Σ_k w_k (R_k C_k + q_k muᵀ)
+
+    def transfer(self) -> Tensor:
+        """T = rhs · gram⁻¹ (n × n), so that ΔW = W0 · T; gram is symmetric, hence the transposed system."""
+        return torch.cholesky_solve(self.rhs.T, self.chol).T
+
+    def delta(self, weight: Tensor) -> Tensor:
+        """ΔW (m × n), formed."""
+        w0 = weight.to(dtype=self.rhs.dtype, device=self.rhs.device)
+        if w0.shape[0] > w0.shape[1]:  # tall W0: n right-hand sides instead of m (n³ + m·n² instead of 2·m·n²)
+            return w0 @ self.transfer()
+        return torch.cholesky_solve((w0 @ self.rhs).T, self.chol).T
+
+    def products(self, weight: Tensor) -> "ImplicitDelta":
+        """ΔW as products only: k vectors cost O((m + n)·n·k) instead of forming ΔW's O(m·n²)."""
+        return ImplicitDelta(weight.to(dtype=self.rhs.dtype, device=self.rhs.device), self)
+
+
+@dataclass(frozen=True)
+class ImplicitDelta:
+    """ΔW x and ΔWᵀ y without ΔW (what decompose.randomized_svd needs)."""
+
+    weight: Tensor
+    system: NormalEquations
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return self.weight @ (self.system.rhs @ torch.cholesky_solve(x, self.system.chol))
+
+    def rmatmul(self, y: Tensor) -> Tensor:
+        return torch.cholesky_solve(self.system.rhs.T @ (self.weight.T @ y), self.system.chol)
+
+
+def normal_equations(
     fine: Moments, pretrain: Optional[Moments], constraints: Sequence[Constraint], ridge: float
-) -> Tuple[Tensor, Tensor]:
-    """(Cholesky factor of Σ_k w_k C_k + λI, rhs = Σ_k w_k (R_k C_k + q_k muᵀ)); W0 enters later."""
+) -> NormalEquations:
+    """The factored system of a layer's constraints, in the dtype of the moments (use float64)."""
     n = fine.dim
     dtype, device = fine.second.dtype, fine.second.device
     dist = {"fine": fine, "pretrain": pretrain}
@@ -202,7 +251,7 @@ def _normal_equations(
             "the constraint system is singular (the inputs span fewer than n directions); "
             "raise ridge (e.g. ridge=1e-2) or collect more data"
         )
-    return chol, rhs
+    return NormalEquations(chol, rhs)
 
 
 def solve_delta(
@@ -216,12 +265,7 @@ def solve_delta(
     n = fine.dim
     if weight.shape[1] != n:
         raise CNTLoRAError(f"weight has {weight.shape[1]} inputs but the statistics have {n}")
-    chol, rhs = _normal_equations(fine, pretrain, constraints, ridge)
-    w0 = weight.to(dtype=rhs.dtype, device=rhs.device)
-    if w0.shape[0] > n:  # tall W0: n right-hand sides instead of m (n³ + m·n² instead of 2·m·n²)
-        return w0 @ _transfer(chol, rhs)
-    # ΔW = W0 · rhs · gram⁻¹  <=>  ΔWᵀ = gram⁻¹ · (W0 · rhs)ᵀ, gram symmetric.
-    return torch.cholesky_solve((w0 @ rhs).T, chol).T
+    return normal_equations(fine, pretrain, constraints, ridge).delta(weight)
 
 
 def transfer_matrix(
@@ -232,9 +276,4 @@ def transfer_matrix(
     Layers that share an input (q/k/v, gate/up) and whose pre-training statistics do not
     come from their weights then share one factorization and one solve.
     """
-    return _transfer(*_normal_equations(fine, pretrain, constraints, ridge))
-
-
-def _transfer(chol: Tensor, rhs: Tensor) -> Tensor:
-    """rhs · gram⁻¹ from gram's Cholesky factor (gram symmetric, so via the transposed system)."""
-    return torch.cholesky_solve(rhs.T, chol).T
+    return normal_equations(fine, pretrain, constraints, ridge).transfer()

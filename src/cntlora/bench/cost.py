@@ -45,7 +45,7 @@ LLAMA_SHAPES = {
                      num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
 }
 MODELS = ["smollm2"] + list(LLAMA_SHAPES)
-METHODS = ["floor", "cntlora-cross", "default", "pissa_niter_4", "olora", "lora_ga", "corda", "eva"]
+METHODS = ["floor", "cntlora-self", "cntlora-self-offload", "cntlora-cross", "default", "pissa_niter_4", "olora", "lora_ga", "corda", "eva"]
 # The slow data-driven inits may get fewer repeats (--slow-repeats) to fit a device budget.
 SLOW = {"eva", "corda", "lora_ga"}
 SUMMARY_KEYS = ["model", "params", "device", "tokens", "method", "init_seconds", "floor_seconds",
@@ -167,18 +167,23 @@ def run_floor(model, batches, device) -> dict:
     return {}
 
 
-def run_cntlora(model, batches, device, args, lora_kwargs, holder: dict) -> dict:
-    """collect -> solve (solve + decompose) -> apply, each phase timed on its own."""
+def run_cntlora(model, batches, device, args, lora_kwargs, holder: dict, method: str = "cntlora-self") -> dict:
+    """collect -> solve (solve + decompose) -> apply, each phase timed on its own.
+
+    `method` is cntlora-<mode>, or cntlora-<mode>-offload: statistics go to the host after the
+    pass and each layer's come back for its solve, which trades time for GPU memory."""
     from ..apply import apply
     from ..plan import solve
     from ..statistics import collect_statistics
 
     overrides = {} if args.randomized_svd_above is None else {"randomized_svd_above": args.randomized_svd_above}
-    config = CNTLoRAConfig(mode="cross", r=lora_kwargs["r"], alpha=float(lora_kwargs["lora_alpha"]), seed=args.seed,
+    mode, _, variant = method.removeprefix("cntlora-").partition("-")
+    config = CNTLoRAConfig(mode=mode, r=lora_kwargs["r"], alpha=float(lora_kwargs["lora_alpha"]), seed=args.seed,
                            **overrides)
     t0 = time.perf_counter()
     stats = collect_statistics(model, batches, lora_kwargs["target_modules"], max_stats_memory=args.max_stats_memory,
-                               offload=args.offload, progress=False, stats_dtype=_dtype(args.stats_dtype))
+                               offload=args.offload or variant == "offload", progress=False,
+                               stats_dtype=_dtype(args.stats_dtype))
     synchronize(device)
     collect = time.perf_counter() - t0
     stats_info = dict(stats.info)
@@ -306,15 +311,15 @@ def benchmark(args) -> dict:
         m = holder["model"]
         if method == "floor":
             return run_floor(m, batches, device)
-        if method == "cntlora-cross":
-            return run_cntlora(m, batches, device, args, lora_kwargs, holder)
+        if method.startswith("cntlora-"):
+            return run_cntlora(m, batches, device, args, lora_kwargs, holder, method)
         if method == "eva":
             return run_eva(m, batches, device, lora_kwargs, args.eva_cap_seconds, holder)
         return run_peft(method, m, batches, device, lora_kwargs, holder)
 
     for _ in range(args.warmup):  # kernels, cuBLAS/cuSOLVER handles and allocator pools, untimed
-        for method in ("floor", "cntlora-cross"):
-            if method in args.methods:
+        for method in args.methods:
+            if method == "floor" or method.startswith("cntlora-"):
                 one(method)
                 reset()
 
@@ -339,41 +344,64 @@ def benchmark(args) -> dict:
             _progress(args, f"{method} run {round_index + 1}/{repeats[method]}: {runs[method][-1]['seconds']:.3f} s")
             result["methods"][method] = {"runs": runs[method], "complete": False}
             _write(args.out, result)
-            if method == "cntlora-cross" and round_index == 0:  # before the slow inits: a time limit cannot cut these
+            first_ours = next((m for m in args.methods if m.startswith("cntlora-")), None)
+            if method == first_ours and round_index == 0:  # before the slow inits: a time limit cannot cut these
                 if args.profile:
                     result["profile"] = profile_cntlora(holder["model"], batches, device, args, lora_kwargs, args.profile)
                 if args.ablate_svd:
                     result["svd_ablation"] = svd_ablation(holder["model"], batches, device, args, lora_kwargs)
                 _write(args.out, result)
 
-    floor = pystats.median(r["seconds"] for r in runs["floor"]) if runs.get("floor") else None
-    for method in args.methods:
-        if "error" in result["methods"].get(method, {}) or not runs[method]:
-            continue
-        entry = _median_entry(runs[method], floor)
-        if method == "eva":
-            entry["finished"] = all(r["finished"] for r in runs[method])
-            if not entry["finished"]:
-                entry["cap_seconds"] = args.eva_cap_seconds
-        result["methods"][method] = entry
-        _progress(args, f"{method}: {entry['median_seconds']:.3f} s"
-                        + (f" ({entry['ratio_to_floor']:.2f}x floor)" if "ratio_to_floor" in entry else "")
-                        + f", +{entry['median_peak_memory_bytes'] / 2**30:.2f} GiB")
-    result["order"] = "round robin: every method once per round (slow inits in the first --slow-repeats rounds)"
+    _medians(result, runs, args.eva_cap_seconds, lambda line: _progress(args, line))
     _write(args.out, result)
     return result
 
 
+def _medians(result: dict, runs: Dict[str, List[dict]], eva_cap: Optional[float], report=lambda line: None) -> None:
+    """Replace each method's recorded runs by its median entry."""
+    floor = pystats.median(r["seconds"] for r in runs["floor"]) if runs.get("floor") else None
+    for method, method_runs in runs.items():
+        if "error" in result["methods"].get(method, {}) or not method_runs:
+            continue
+        entry = _median_entry(method_runs, floor)
+        if method == "eva":
+            entry["finished"] = all(r["finished"] for r in method_runs)
+            if not entry["finished"]:
+                entry["cap_seconds"] = eva_cap
+        result["methods"][method] = entry
+        report(f"{method}: {entry['median_seconds']:.3f} s"
+               + (f" ({entry['ratio_to_floor']:.2f}x floor)" if "ratio_to_floor" in entry else "")
+               + f", +{entry['median_peak_memory_bytes'] / 2**30:.2f} GiB")
+    result["order"] = "round robin: every method once per round (slow inits in the first --slow-repeats rounds)"
+
+
+def finish_partial(path: str) -> dict:
+    """Medians of the runs a result file recorded before its process was stopped (a time limit).
+
+    Methods keep the runs they finished (their `repeats` says how many); the file is marked
+    `cut_short` and rewritten in place."""
+    with open(path) as f:
+        result = json.load(f)
+    runs = {m: e["runs"] for m, e in result["methods"].items() if e.get("complete") is False}
+    if not runs:
+        return result
+    _medians(result, runs, result["settings"].get("eva_cap_seconds"))
+    result["cut_short"] = "stopped by its time limit; each method's median is over the runs it finished"
+    _write(path, result)
+    return result
+
+
 def svd_ablation(model, batches, device, args, lora_kwargs) -> dict:
-    """solve() time on one set of statistics with eigh below 2048 (the default) against --randomized-svd-above."""
+    """solve() time on one set of statistics: the CPU's SVD threshold (2048: ΔW formed, exact SVD up to
+    there) against --randomized-svd-above (above it, ΔW never formed: a randomized SVD on products)."""
     from ..plan import solve
     from ..statistics import collect_statistics
 
     stats = collect_statistics(model, batches, lora_kwargs["target_modules"], max_stats_memory=args.max_stats_memory,
                                offload=args.offload, progress=False, stats_dtype=_dtype(args.stats_dtype))
     out = {}
-    for above in sorted({2048, args.randomized_svd_above or 2048}):
-        config = CNTLoRAConfig(mode="cross", r=args.r, alpha=float(args.r), seed=args.seed, randomized_svd_above=above)
+    for above in sorted({2048, args.randomized_svd_above or (256 if device.type == "cuda" else 2048)}):
+        config = CNTLoRAConfig(r=args.r, alpha=float(args.r), seed=args.seed, randomized_svd_above=above)
         t0 = time.perf_counter()
         plan = solve(model, stats, config)
         synchronize(device)
@@ -555,6 +583,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="result JSON (written after every method)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--finish-partial", nargs="+", default=None, metavar="RESULT_JSON",
+                        help="turn the runs of result files cut short by a time limit into medians, in place")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="RESULT_JSON",
                         help="instead of measuring: gather result files into --summary-out and --plot")
     parser.add_argument("--summary-out", default="bench/results/cost-summary.json")
@@ -562,6 +592,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    for path in args.finish_partial or []:
+        finish_partial(path)
+        print(f"{path}: medians over the runs it finished")
+    if args.finish_partial and not args.summarize:
+        return 0
     if args.summarize:
         summary = summarize(args.summarize)
         atomic_write(args.summary_out, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
