@@ -11,6 +11,7 @@ from cntlora import CNTLoRAError
 from cntlora.bench import quality
 from cntlora.bench.baselines import METHODS, ChannelLinear, convs_to_linear, peft_init
 from cntlora.bench.quality import paired_difference, parse_label, summarize, t_quantile
+from cntlora.bench.tasks import make_task
 
 
 def _finite(x):
@@ -139,6 +140,75 @@ def test_plots_are_written(tmp_path):
     runs = [_fake_run(label, seed, 1e-3, {0: 0.1, 10: 0.5, 20: 0.8}, 0.7 + 0.01 * seed)
             for label in dict.fromkeys(labels) for seed in range(2)]
     s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
-    paths = quality.plot_task(s, tmp_path) + [quality.plot_sensitivity(s, tmp_path)]
+    s["task"] = "t-sensitivity"
+    paths = quality.plot_task(s, tmp_path) + [quality.plot_sensitivity(s, tmp_path, reference=s["methods"]["default"])]
+    assert paths[-1].name == "sensitivity-t.png"
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_sweeps_share_the_default_run():
+    sweeps = quality.sensitivity_labels()
+    assert set(sweeps) == set(quality.SENSITIVITY) | {"r-vas"}
+    # the default value of every sweep is the plain method label, so the sweeps share one run
+    assert dict(sweeps["ridge"])[quality.CNTLoRAConfig.ridge] == "cntlora-self"
+    assert dict(sweeps["calib"])[64] == dict(sweeps["r"])[8] == "cntlora-self"
+    assert dict(sweeps["gamma"]) == {0.1: "cntlora-cross@gamma=0.1", 1.0: "cntlora-cross", 10.0: "cntlora-cross@gamma=10"}
+    assert dict(sweeps["r-vas"])[4] == "cntlora-self-vas@r=4"
+    for sweep in sweeps.values():
+        for _, label in sweep:
+            parse_label(label)
+
+
+def _log(path, rows):
+    with open(path, "a") as f:
+        for kind, spec, data in rows:
+            f.write(json.dumps({"kind": kind, "spec": spec, "data": data}) + "\n")
+
+
+META = {"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "train_size": 100}
+
+
+def test_load_runs_folds_parts_into_their_table_and_keeps_the_latest_duplicate(tmp_path):
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    _log(old, [("meta", "t", {**META, "task": "t"})]
+         + [("run", "t", _fake_run("default", s, 1e-3, {0: 0.1, 20: 0.8}, 0.70)) for s in range(2)]
+         + [("run", "t", _fake_run("default", 0, 1e-3, {0: 0.1, 20: 0.8}, 0.71))])  # a repeat within one log
+    _log(new, [("meta", "t+a_row_norm", {**META, "task": "t+a_row_norm"})]
+         + [("run", "t+a_row_norm", _fake_run("default", 1, 1e-3, {0: 0.1, 20: 0.8}, 0.90)),
+            ("run", "t+a_row_norm", _fake_run("cntlora-self@a_row_norm=1", 0, 1e-3, {0: 0.1, 20: 0.8}, 0.80))])
+    loaded = quality.load_runs([old, new])
+    assert list(loaded) == ["t"] and loaded["t"]["task"] == "t"
+    tests = {(r["label"], r["seed"]): r["test"] for r in loaded["t"]["runs"]}
+    assert tests == {("default", 0): 0.71, ("default", 1): 0.90, ("cntlora-self@a_row_norm=1", 0): 0.80}
+    s = summarize(loaded["t"])
+    assert s["methods"]["default"]["seeds"] == 2 and s["methods"]["default"]["test_mean"] == pytest.approx(0.805)
+    # a part with other steps cannot share the table
+    _log(new, [("meta", "t+longer", {**META, "steps": 40})])
+    with pytest.raises(CNTLoRAError, match="differs"):
+        quality.load_runs([old, new])
+
+
+@pytest.mark.parametrize("label", ["pissa_niter_4", "corda", "cntlora-self@base=residual"])
+def test_shared_init_gives_the_runs_of_separate_inits(label, one_thread):
+    # one init trained at two lrs (copies of the initialized model, base weights included)
+    # must give exactly the runs that a fresh init per lr gives
+    task = make_task("tiny")
+    shared = quality.train_lrs(task, label, 1, [1e-3, 3e-3], 8, checkpoints=(4,), device="cpu")
+    for record in shared:
+        alone = quality.train_once(task, label, 1, record["lr"], 8, checkpoints=(4,), device="cpu")
+        assert record["train_loss"] == alone["train_loss"]
+        assert (record["val"], record["test"]) == (alone["val"], alone["test"])
+    assert shared[0]["init_seconds"] == shared[1]["init_seconds"]  # the one init's time on every lr's record
+
+
+def test_run_quality_inits_once_per_seed_and_keeps_the_lr_protocol(one_thread):
+    task = make_task("tiny")
+    lrs = [1e-3, 1e-2]
+    results = quality.run_quality(task, ["default"], seeds=[0, 1, 2], lrs=lrs, steps=3, checkpoints=(1,),
+                                  device="cpu", select_seeds=1, log=None)
+    runs = results["runs"]
+    seed0 = [r for r in runs if r["seed"] == 0]
+    assert sorted(r["lr"] for r in seed0) == lrs and len({r["init_seconds"] for r in seed0}) == 1
+    best = quality.choose_lr(seed0, task.higher_is_better)
+    assert sorted((r["seed"], r["lr"]) for r in runs if r["seed"] > 0) == [(1, best), (2, best)]

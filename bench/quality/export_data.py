@@ -1,11 +1,16 @@
-"""Write the models and data of the vision and text tasks into one folder that can travel.
+"""Write the models and data of the benchmark's tasks into one folder that can travel.
 
 The GPU machine has none of the packaged models or datasets; the tasks read this folder when
 $CNTLORA_BENCH_DATA names it (see cntlora.bench.tasks). Sizes: MiniLM in fp16 (~45 MB),
 MobileNetV2 in fp16 (~7 MB), the Fashion-MNIST subset the vision task uses (~3 MB), BBC News
-cut to 2,000 characters per article (well past the 128 tokens the task reads).
+cut to 2,000 characters per article (well past the 128 tokens the task reads); with
+--only lm: SmolLM2-135M in fp16 (~270 MB, in shards of at most 50 MiB except the 54 MiB
+embedding, which one tensor fills) and the 42 Shakespeare plays as JSON (~5 MB).
 
-    python bench/quality/export_data.py OUT_DIR [--only text|vision]
+    python bench/quality/export_data.py OUT_DIR [--only text vision lm]   (default: text vision)
+
+text + vision fit one 64 MiB transfer as they are; split a folder with lm in it with
+bench/quality/split_for_transfer.py.
 """
 
 import argparse
@@ -34,17 +39,24 @@ def export_vision(out: Path):
     torch.save(fashion_subset(), out / "fashion.pt")
 
 
+def export_lm(out: Path):
+    model, tokenizer = zoo.load_smollm2()
+    # shards small enough to travel; save_pretrained never splits a tensor, so the tied
+    # 49152 × 576 embedding (54 MiB in fp16) stays one file of its own
+    model.half().save_pretrained(out / "smollm2", max_shard_size=50 * 2**20)
+    tokenizer.save_pretrained(out / "smollm2")
+    (out / "shakespeare.json").write_text(json.dumps(zoo.shakespeare()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
-    p.add_argument("--only", choices=["text", "vision"])
+    p.add_argument("--only", nargs="+", choices=["text", "vision", "lm"], default=["text", "vision"])
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if a.only in (None, "text"):
-        export_text(out)
-    if a.only in (None, "vision"):
-        export_vision(out)
+    for name in a.only:
+        {"text": export_text, "vision": export_vision, "lm": export_lm}[name](out)
     print(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, "MiB in", out)
 
 

@@ -2,36 +2,20 @@
 
     python bench/quality/report.py LOG.jsonl [LOG2.jsonl ...] --out bench/results
 
-Headline specs (no '-' suffix other than '-fewshot') go into summary.json; '*-sensitivity'
-specs get sensitivity-<task>.png; '*-smoke' specs are checked for finite numbers only.
+Give the logs oldest first: a run logged twice (same table, label, seed, lr) counts once, the
+latest line wins (cntlora.bench.quality.load_runs). A spec named TABLE+PART (e.g.
+'text-fewshot+a_row_norm') adds its runs to TABLE's table. Headline tables (no '-' suffix other
+than '-fewshot') go into summary.json; '*-sensitivity' tables get sensitivity-<task>.png;
+'*-smoke' specs are checked for finite numbers only.
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-from cntlora.bench.quality import (format_table, plot_sensitivity, plot_task, summarize, summary_entry,
+from cntlora.bench.quality import (format_table, load_runs, plot_sensitivity, plot_task, summarize, summary_entry,
                                    update_summary, write_json)
-
-
-def load(paths):
-    specs = {}
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            row = json.loads(line)
-            spec = specs.setdefault(row["spec"], {"meta": None, "runs": []})
-            if row["kind"] == "meta":
-                spec["meta"] = row["data"]
-            else:
-                spec["runs"].append(row["data"])
-    out = {}
-    for name, spec in specs.items():
-        if spec["meta"] is None or not spec["runs"]:
-            continue
-        out[name] = {**spec["meta"], "runs": spec["runs"]}
-    return out
 
 
 def main(argv=None):
@@ -40,9 +24,12 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_runs(a.logs)
+    summaries = {name: summarize(results) for name, results in loaded.items()}
     tables = []
-    for name, results in load(a.logs).items():
-        summary = summarize(results)
+    for name, results in loaded.items():
+        summary = summaries[name]
         bad = [r["label"] for r in results["runs"]
                if not all(math.isfinite(v) for v in r["train_loss"] + [r["test"]] + list(r["val"].values()))]
         if name.endswith("-smoke"):
@@ -51,7 +38,9 @@ def main(argv=None):
         # the raw runs stay in the log; this file holds the statistics drawn from them
         write_json(out / f"quality-{name}.json", {"runs_log": [Path(p).name for p in a.logs], "summary": summary})
         if name.endswith("-sensitivity"):
-            plot_sensitivity(summary, out)
+            # the PEFT-default line comes from the task's headline table (the study itself runs CNTLoRA only)
+            headline = summaries.get(name.removesuffix("-sensitivity"), {"methods": {}})
+            plot_sensitivity(summary, out, reference=headline["methods"].get("default"))
         else:
             update_summary(out / "summary.json", name, summary_entry(summary))
             plot_task(summary, out)

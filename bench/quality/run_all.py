@@ -1,57 +1,170 @@
-"""Run the quality benchmark's plan (headline tables + sensitivity study) and log every run.
+"""Run the quality benchmark's plan (headline tables, a_row_norm sweep, sensitivity study) and log every run.
 
 Each finished run is appended to OUT/runs.jsonl at once, so a run cut short by a time limit
 still leaves everything it finished; bench/quality/report.py turns the log into
 summary.json, the per-task JSON, the plots and the markdown tables.
 
-    python bench/quality/run_all.py --out DIR [--workers 12] [--plan full|smoke] [--only text vision ...]
+    python bench/quality/run_all.py --out DIR [--workers 15] [--plan full|smoke|tiny] [--only GROUP|SPEC ...] [--dry-run]
+
+--plan full, in priority order (the groups --only takes; the specs run in the order given):
+  a_row_norm   text-fewshot+a_row_norm, vision-fewshot+a_row_norm (folded into the few-shot tables)
+  lm-fewshot, text, vision   every method, the headline tables
+  sensitivity  TASK-sensitivity+METHOD on text-fewshot and vision-fewshot, each method at the lr
+               it chose in TASK's table of the --lr-from logs (the LRS grid when it has none)
+  vision-fewshot, text-fewshot   the few-shot headline tables (an earlier session ran them)
+--dry-run prints each spec's jobs (one init, trained at each of its lrs), training runs and a
+rough worker-seconds estimate, and exits.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from cntlora.bench.baselines import METHODS
-from cntlora.bench.quality import Spec, run_many, sensitivity_labels
+from cntlora.bench.quality import Spec, choose_lr, first_seeds, load_runs, parse_label, run_many, sensitivity_labels
 
 LRS = [3e-4, 1e-3, 3e-3]
 # where CNTLoRA might lose, the settings worth checking: base handling, pre-training source, VAS score
 VARIANTS = ["cntlora-cross@base=residual", "cntlora-self@base=residual", "cntlora-cross@base=keep",
             "cntlora-cross@pretrain_source=isotropic", "cntlora-cross-vas@vas_score=weight"]
+# A's row norm in subspace mode (PEFT's 1/sqrt(3) by default) against the best PEFT inits on the few-shot tasks
+# (the PEFT inits and plain cntlora-self ran with 5 seeds in the earlier session's headline run of the
+# same code; default runs again, as a check that the two sessions' numbers agree)
+A_ROW_NORM = ["default", "cntlora-self@a_row_norm=1", "cntlora-self@a_row_norm=2", "cntlora-self-vas@a_row_norm=1"]
+SENSITIVITY_SEEDS = 3
+
+# rough worker-seconds on the H200 shared by 15 workers, read off the earlier session's log
+# (bench/results/quality-runs.jsonl): EVA and CorDA inits took 46-81 s, the others 1-10 s, and a
+# 100-step run with its evaluations about 9 s (the run's wall time less its inits, per run).
+# SmolLM2 never ran there, so its numbers are guesses: 3-5× MiniLM's step (3× the FLOPs, 5× the
+# layers, and small models on a shared GPU are bound by kernel launches), inits 2× slower.
+# New records carry train_seconds, so the next plan can be sized from measurements.
+INIT_SECONDS = {"eva": 80, "corda": 60}
+OTHER_INIT_SECONDS = 5
+TRAIN_SECONDS = {"text": 9, "vision": 9, "lm": 35, "tiny": 1}  # per 100 steps
+LM_INIT_FACTOR = 2
+STARTUP_SECONDS = 60  # spawning the workers and building each task in every worker
 
 
-def plan(kind: str, seeds: int, steps: int) -> list:
-    if kind == "tiny":  # checks this script on a CPU in seconds
-        return [Spec("tiny", "tiny", ["default", "cntlora-cross", "cntlora-cross-vas"], [0, 1, 2], [1e-3, 3e-3], 20,
-                     checkpoints=(5, 10), select_seeds=1)]
-    if kind == "smoke":  # every method, a few steps, to check the machine before spending its time
-        return [Spec(f"{t}-smoke", t, METHODS, [0], [1e-3], 3, {"quick": True}, (1, 2)) for t in ("text", "vision")]
-    # priority order: the few-shot tasks discriminate most, the sensitivity study comes last
-    specs = [Spec(t, t, METHODS + (VARIANTS if "fewshot" in t else []), list(range(seeds)), LRS, steps, select_seeds=1)
-             for t in ("vision-fewshot", "text-fewshot", "vision", "text")]
-    labels = ["default", "cntlora-cross"] + [l for sweep in sensitivity_labels().values() for _, l in sweep]
-    for t in ("vision", "text-fewshot"):
-        specs.append(Spec(f"{t}-sensitivity", t, list(dict.fromkeys(labels)), list(range(2)), LRS, steps, select_seeds=1))
+def chosen_lrs(logs) -> dict:
+    """{(table, label): (lr chosen on val, the lrs it was chosen from)} from earlier run logs."""
+    out = {}
+    for table, results in load_runs([log for log in logs if Path(log).exists()]).items():
+        for label in {r["label"] for r in results["runs"]}:
+            mine = [r for r in results["runs"] if r["label"] == label]
+            out[(table, label)] = (choose_lr(mine, results["higher_is_better"]), {r["lr"] for r in mine})
+    return out
+
+
+def sensitivity_specs(task: str, steps: int, lrs: list, chosen: dict, **kwargs) -> list:
+    """One spec per method of the study, at the lr that method chose from the whole `lrs` grid in the task's
+    table if the logs have it (a search cut short does not count), else searching `lrs` on seed 0."""
+    by_method = {}
+    for sweep in sensitivity_labels().values():
+        for _, label in sweep:
+            by_method.setdefault(parse_label(label)[0], []).append(label)
+    specs = []
+    for method, labels in by_method.items():
+        lr, searched = chosen.get((task, method), (None, set()))
+        fixed = set(lrs) <= searched
+        specs.append(Spec(f"{task}-sensitivity+{method}", task, list(dict.fromkeys(labels)), list(range(SENSITIVITY_SEEDS)),
+                          [lr] if fixed else lrs, steps, select_seeds=None if fixed else 1, **kwargs))
     return specs
+
+
+def plan(kind: str, seeds: int, steps: int, chosen: dict = None) -> list:
+    chosen = chosen or {}
+    if kind == "tiny":  # checks this script and report.py on a CPU in about a minute
+        tiny = dict(checkpoints=(5, 10))
+        return [Spec("tiny", "tiny", ["default", "cntlora-self", "cntlora-cross-vas"], [0, 1, 2], [1e-2, 3e-2], 20,
+                      select_seeds=1, **tiny),
+                Spec("tiny+a_row_norm", "tiny", ["cntlora-self@a_row_norm=1"], [0, 1, 2], [1e-2, 3e-2], 20,
+                     select_seeds=1, **tiny)] + sensitivity_specs("tiny", 20, [1e-2, 3e-2], chosen, **tiny)
+    if kind == "smoke":  # every method, a few steps, to check the machine before spending its time
+        return [Spec(f"{t}-smoke", t, METHODS, [0], [1e-3], 3, {"quick": True}, (1, 2)) for t in ("text", "vision", "lm")]
+    every = list(range(seeds))
+    specs = [Spec(f"{t}+a_row_norm", t, A_ROW_NORM, every, LRS, steps, select_seeds=1) for t in ("text-fewshot", "vision-fewshot")]
+    # SmolLM2 trains half the steps (the issue allows fewer steps for lm to fit the time budget)
+    specs += [Spec(t, t, METHODS, every, LRS, steps // 2 if t.startswith("lm") else steps, select_seeds=1)
+              for t in ("lm-fewshot", "text", "vision")]
+    for t in ("text-fewshot", "vision-fewshot"):
+        specs += sensitivity_specs(t, steps, LRS, chosen)
+    specs += [Spec(t, t, METHODS + VARIANTS, every, LRS, steps, select_seeds=1) for t in ("vision-fewshot", "text-fewshot")]
+    return specs
+
+
+def group(spec_name: str) -> str:
+    """The --only group of a spec: 'a_row_norm', 'sensitivity', or its own name."""
+    if spec_name.endswith("+a_row_norm"):
+        return "a_row_norm"
+    return "sensitivity" if "-sensitivity" in spec_name else spec_name
+
+
+def select(specs: list, only) -> list:
+    """The specs named by `only` (groups or spec names), in that order."""
+    out = []
+    for name in only:
+        chosen = [s for s in specs if name in (s.name, group(s.name))]
+        if not chosen:
+            raise SystemExit(f"run_all: no spec or group {name!r} in this plan; choose from "
+                             f"{', '.join(dict.fromkeys([group(s.name) for s in specs] + [s.name for s in specs]))}")
+        out += [s for s in chosen if s not in out]
+    return out
+
+
+def estimate(spec: Spec) -> tuple:
+    """(jobs, training runs, worker-seconds) of a spec, assuming each lr search picks one lr."""
+    kind = spec.task.split("-")[0]
+    first = len(first_seeds(spec))
+    rest = len(spec.seeds) - first
+    jobs = runs = seconds = 0
+    for label in spec.methods:
+        init = INIT_SECONDS.get(parse_label(label)[0], OTHER_INIT_SECONDS) * (LM_INIT_FACTOR if kind == "lm" else 1)
+        n = first * len(spec.lrs) + rest
+        jobs += first + rest
+        runs += n
+        seconds += (first + rest) * init + n * TRAIN_SECONDS.get(kind, 9) * spec.steps / 100
+    return jobs, runs, seconds
+
+
+def print_plan(specs: list, workers: int) -> None:
+    print(f"{'spec':44} {'labels':>6} {'seeds':>5} {'lrs':>9} {'jobs':>5} {'runs':>5} {'worker-s':>9}")
+    total = [0, 0, 0]
+    for s in specs:
+        jobs, runs, seconds = estimate(s)
+        lrs = f"{len(s.lrs)}" + (f" (sel {s.select_seeds})" if s.select_seeds else f" = {s.lrs[0]:g}" if len(s.lrs) == 1 else "")
+        print(f"{s.name:44} {len(s.methods):6} {len(s.seeds):5} {lrs:>9} {jobs:5} {runs:5} {seconds:9.0f}")
+        total = [t + x for t, x in zip(total, (jobs, runs, seconds))]
+    print(f"total: {total[0]} jobs, {total[1]} training runs, ~{total[2]:.0f} worker-s: "
+          f"~{total[2] / workers + STARTUP_SECONDS:.0f} s on {workers} workers (rough; lm is a guess)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--out", help="folder for runs.jsonl (required unless --dry-run)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--plan", choices=["full", "smoke", "tiny"], default="full")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--only", nargs="+", default=None, help="spec names to run (default: all of the plan)")
+    p.add_argument("--only", nargs="+", default=None, help="groups or spec names to run, in this order (default: the whole plan)")
+    p.add_argument("--lr-from", nargs="*", default=["bench/results/quality-runs.jsonl"],
+                   help="run logs (oldest first) whose chosen lrs fix the sensitivity study's lrs")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and a worker-seconds estimate, run nothing")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    specs = plan(a.plan, a.seeds, a.steps)
+    specs = plan(a.plan, a.seeds, a.steps, chosen_lrs(a.lr_from))
     if a.only:
-        specs = [s for s in specs if s.name in a.only]
+        specs = select(specs, a.only)
+    print_plan(specs, a.workers)
+    if a.dry_run:
+        return 0
+    if not a.out:
+        p.error("--out is required")
+    import torch
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "runs.jsonl", "a")
@@ -62,7 +175,7 @@ def main(argv=None):
         log.flush()
 
     print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}; "
-          f"{sum(len(s.methods) for s in specs)} labels in {len(specs)} specs", flush=True)
+          f"{sum(len(s.methods) for s in specs)} labels in {len(specs)} specs; {a.workers} workers", flush=True)
     run_many(specs, a.workers, a.device, on_run=lambda n, r: write("run", n, r),
              on_start=lambda n, meta: write("meta", n, meta),
              log=lambda line: print(f"[{time.time() - t0:6.1f}s] {line}", flush=True))

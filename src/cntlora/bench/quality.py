@@ -10,6 +10,7 @@ the validation split (never test); test metrics are reported at that rate over t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import CNTLoRAError
+from ..config import CNTLoRAConfig, CNTLoRAError
 from ..statistics import atomic_write, to_device
 from .baselines import METHODS, init_method
 
@@ -161,13 +162,9 @@ def _evaluate(task: Task, model, batches) -> float:
     return value
 
 
-def train_once(task: Task, label: str, seed: int, lr: float, steps: int, checkpoints=DEFAULT_CHECKPOINTS,
-               device=None, eval_sets: Optional[dict] = None) -> dict:
-    """Initialize with `label`, fine-tune `steps` AdamW steps at `lr`, return the run's record."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def init_model(task: Task, label: str, seed: int, device) -> tuple[nn.Module, float]:
+    """Build the seed's model on `device` and initialize it with `label`; returns (model, init seconds)."""
     method, overrides, harness, lora_kwargs = resolve_label(label, task.full_lora_kwargs())
-    eval_sets = eval_sets or {"val": task.batches(task.val, task.eval_batch_size),
-                              "test": task.batches(task.test, task.eval_batch_size)}
     calibration = task.calibration_batches(harness.get("calib"))
     torch.manual_seed(seed)
     model = task.build_model(seed).to(device)
@@ -176,8 +173,12 @@ def train_once(task: Task, label: str, seed: int, lr: float, steps: int, checkpo
     model = init_method(method, model, lora_kwargs, calibration, forward_fn=task.forward_fn, loss_fn=task.loss_fn,
                         overrides=overrides, seed=seed)
     _sync(device)
-    init_seconds = time.perf_counter() - t0
-    model.to(device)
+    return model.to(device), time.perf_counter() - t0
+
+
+def fine_tune(task: Task, model: nn.Module, seed: int, lr: float, steps: int, checkpoints, device, eval_sets) -> dict:
+    """`steps` AdamW steps at `lr` on an initialized model (in place); the run's losses and metrics."""
+    t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -198,11 +199,36 @@ def train_once(task: Task, label: str, seed: int, lr: float, steps: int, checkpo
         losses.append(float(loss.detach()))
         if step in marks:
             val[step] = _evaluate(task, model, eval_sets["val"])
-    return {
-        "label": label, "seed": seed, "lr": lr, "steps": steps, "init_seconds": init_seconds,
-        "trainable_params": trainable, "train_loss": losses, "val": {str(k): v for k, v in val.items()},
-        "test": _evaluate(task, model, eval_sets["test"]),
-    }
+    test = _evaluate(task, model, eval_sets["test"])
+    return {"trainable_params": trainable, "train_loss": losses, "val": {str(k): v for k, v in val.items()},
+            "test": test, "train_seconds": time.perf_counter() - t0}
+
+
+def train_lrs(task: Task, label: str, seed: int, lrs: Sequence[float], steps: int, checkpoints=DEFAULT_CHECKPOINTS,
+              device=None, eval_sets: Optional[dict] = None) -> list:
+    """Initialize with `label` once, then fine-tune a copy of the initialized model at each lr; one record per lr.
+
+    Slow inits (EVA, CorDA) then run once per seed instead of once per lr. The copy is a deep
+    copy of the whole model, base weights included, since PiSSA, OLoRA, CorDA, LoRA-GA and
+    residual CNTLoRA rewrite them; so each record is the run train_once(label, seed, lr) gives.
+    Every record carries the one init's time.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    eval_sets = eval_sets or {"val": task.batches(task.val, task.eval_batch_size),
+                              "test": task.batches(task.test, task.eval_batch_size)}
+    model, init_seconds = init_model(task, label, seed, device)
+    records = []
+    for i, lr in enumerate(lrs):
+        run = model if i == len(lrs) - 1 else copy.deepcopy(model)  # the last lr needs no pristine copy
+        records.append({"label": label, "seed": seed, "lr": lr, "steps": steps, "init_seconds": init_seconds,
+                        **fine_tune(task, run, seed, lr, steps, checkpoints, device, eval_sets)})
+    return records
+
+
+def train_once(task: Task, label: str, seed: int, lr: float, steps: int, checkpoints=DEFAULT_CHECKPOINTS,
+               device=None, eval_sets: Optional[dict] = None) -> dict:
+    """Initialize with `label`, fine-tune `steps` AdamW steps at `lr`, return the run's record."""
+    return train_lrs(task, label, seed, [lr], steps, checkpoints, device, eval_sets)[0]
 
 
 def run_quality(task: Task, methods: Sequence[str], seeds: Sequence[int], lrs: Sequence[float], steps: int,
@@ -212,27 +238,31 @@ def run_quality(task: Task, methods: Sequence[str], seeds: Sequence[int], lrs: S
 
     select_seeds: when set, every lr runs on the first `select_seeds` seeds only; the lr with
     the best mean final val metric then runs on the remaining seeds (saves compute, same rule).
+    One init per (method, seed) serves all of its lrs (train_lrs).
     """
     eval_sets = {"val": task.batches(task.val, task.eval_batch_size), "test": task.batches(task.test, task.eval_batch_size)}
     runs = []
 
-    def one(label, seed, lr):
-        record = train_once(task, label, seed, lr, steps, checkpoints, device, eval_sets)
-        runs.append(record)
-        if log:
-            log(f"{task.name} {label} seed={seed} lr={lr:g}: val {record['val'][str(steps)]:.4f} "
-                f"test {record['test']:.4f} init {record['init_seconds']:.2f}s")
+    def job(label, seed, job_lrs):
+        for record in train_lrs(task, label, seed, job_lrs, steps, checkpoints, device, eval_sets):
+            runs.append(record)
+            if log:
+                log(_run_line(task.name, record))
 
     first = list(seeds) if select_seeds is None else list(seeds)[:select_seeds]
     for label in methods:
-        for lr in lrs:
-            for seed in first:
-                one(label, seed, lr)
+        for seed in first:
+            job(label, seed, lrs)
         if select_seeds is not None:
             best = choose_lr([r for r in runs if r["label"] == label], task.higher_is_better)
             for seed in list(seeds)[select_seeds:]:
-                one(label, seed, best)
+                job(label, seed, [best])
     return results_dict(task, steps, runs)
+
+
+def _run_line(name: str, r: dict) -> str:
+    return (f"{name} {r['label']} seed={r['seed']} lr={r['lr']:g}: val {_final_val(r):.4f} "
+            f"test {r['test']:.4f} init {r['init_seconds']:.2f}s train {r.get('train_seconds', 0):.1f}s")
 
 
 def results_dict(task: Task, steps: int, runs: list) -> dict:
@@ -386,13 +416,13 @@ def _worker_init(threads):
     torch.set_num_threads(threads)
 
 
-def _worker_job(task_name, task_kwargs, label, seed, lr, steps, checkpoints, device):
+def _worker_job(task_name, task_kwargs, label, seed, lrs, steps, checkpoints, device):
     from .tasks import make_task
 
     key = (task_name, tuple(sorted(task_kwargs.items())))
     if key not in _WORKER:  # each worker builds a task once (loading models, tokenizing)
         _WORKER[key] = make_task(task_name, **task_kwargs)
-    return train_once(_WORKER[key], label, seed, lr, steps, checkpoints, device)
+    return train_lrs(_WORKER[key], label, seed, lrs, steps, checkpoints, device)
 
 
 @dataclass
@@ -408,6 +438,11 @@ class Spec:
     task_kwargs: dict = field(default_factory=dict)
     checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS
     select_seeds: Optional[int] = None
+
+
+def first_seeds(spec: Spec) -> list:
+    """The seeds that run every lr of the spec (all of them unless select_seeds is set)."""
+    return list(spec.seeds) if spec.select_seeds is None else list(spec.seeds)[: spec.select_seeds]
 
 
 def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optional[Callable[[str, dict], None]] = None,
@@ -437,42 +472,49 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
             on_start(spec.name, {**results_dict(task_of[spec.name], spec.steps, []), "task": spec.name})
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
-    first = lambda spec: list(spec.seeds) if spec.select_seeds is None else list(spec.seeds)[: spec.select_seeds]
-    # jobs run in priority order (earlier specs first, a spec's extra seeds as soon as its lrs
-    # are chosen), so a run cut short by a time limit has finished whole specs, not slices of all
-    waiting = [(i, spec, label, seed, lr) for i, spec in enumerate(specs) for label in spec.methods
-               for lr in spec.lrs for seed in first(spec)]
-    left = {spec.name: len(spec.methods) * len(spec.lrs) * len(first(spec)) for spec in specs}
+    # a job is one init, (label, seed), trained at each of its lrs (train_lrs). Jobs run in
+    # priority order (earlier specs first, a spec's extra seeds as soon as its lrs are chosen),
+    # so a run cut short by a time limit has finished whole specs, not slices of all
+    waiting = [(i, spec, label, seed, tuple(spec.lrs)) for i, spec in enumerate(specs) for label in spec.methods
+               for seed in first_seeds(spec)]
+    left = {spec.name: len(spec.methods) * len(first_seeds(spec)) for spec in specs}
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
         running = {}
 
         def fill():
             waiting.sort(key=lambda job: job[0])
             while waiting and len(running) < workers + 2:
-                i, spec, label, seed, lr = waiting.pop(0)
-                f = pool.submit(_worker_job, spec.task, spec.task_kwargs, label, seed, lr, spec.steps,
+                i, spec, label, seed, lrs = waiting.pop(0)
+                f = pool.submit(_worker_job, spec.task, spec.task_kwargs, label, seed, lrs, spec.steps,
                                 tuple(spec.checkpoints), device)
-                running[f] = spec
+                running[f] = (spec, label, seed)
 
         fill()
         while running:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for f in done:
-                spec = running.pop(f)
-                r = f.result()
-                runs[spec.name].append(r)
-                if on_run:
-                    on_run(spec.name, r)
-                if log:
-                    log(f"{spec.name} {r['label']} seed={r['seed']} lr={r['lr']:g}: val {_final_val(r):.4f} "
-                        f"test {r['test']:.4f} init {r['init_seconds']:.2f}s")
+                spec, label, seed = running.pop(f)
+                try:
+                    records = f.result()
+                except Exception as e:  # one failing init (e.g. a PEFT method on a new model) must not end the run
+                    records = []
+                    if log:
+                        log(f"{spec.name} {label} seed={seed}: FAILED: {type(e).__name__}: {e}")
+                for r in records:
+                    runs[spec.name].append(r)
+                    if on_run:
+                        on_run(spec.name, r)
+                    if log:
+                        log(_run_line(spec.name, r))
                 left[spec.name] -= 1
                 if left[spec.name] == 0 and spec.select_seeds is not None:
                     hib = task_of[spec.name].higher_is_better
                     index = specs.index(spec)
-                    for label in spec.methods:
-                        best = choose_lr([x for x in runs[spec.name] if x["label"] == label], hib)
-                        waiting.extend((index, spec, label, seed, best) for seed in list(spec.seeds)[spec.select_seeds :])
+                    for name in spec.methods:
+                        mine = [x for x in runs[spec.name] if x["label"] == name]
+                        if mine:  # none when every job of this label failed
+                            best = choose_lr(mine, hib)
+                            waiting.extend((index, spec, name, s, (best,)) for s in list(spec.seeds)[spec.select_seeds :])
             fill()
     out = {}
     for spec in specs:
@@ -482,7 +524,7 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
 
 
 # -----------------------------------------------------------------------------
-# sensitivity study: one setting of CNTLoRA at a time, the others at their defaults
+# sensitivity study of the default mode (Self): one setting at a time, the others at their defaults
 
 SENSITIVITY = {
     "ridge": [1e-3, 1e-2, 1e-1, 1.0],
@@ -490,41 +532,92 @@ SENSITIVITY = {
     "calib": [16, 64, 256],
     "r": [4, 8, 16],
 }
+# which method each sweep varies: γ exists in Cross mode only; "r-vas" is VAS at the uniform rank's budget
+SENSITIVITY_METHOD = {"ridge": "cntlora-self", "gamma": "cntlora-cross", "calib": "cntlora-self", "r": "cntlora-self",
+                      "r-vas": "cntlora-self-vas"}
+# the defaults (CNTLoRAConfig's, and the text and vision tasks' calibration size and rank)
+SENSITIVITY_DEFAULT = {"ridge": CNTLoRAConfig.ridge, "gamma": CNTLoRAConfig.gamma, "calib": 64, "r": 8}
 
 
-def sensitivity_labels(method: str = "cntlora-cross") -> dict:
-    """{setting: [(value, label), ...]}; the rank study pairs uniform ranks with VAS at the same budget."""
-    out = {key: [(v, f"{method}@{key}={v:g}") for v in values] for key, values in SENSITIVITY.items()}
-    out["r-vas"] = [(v, f"{method}-vas@r={v}") for v in SENSITIVITY["r"]]
+def sensitivity_labels() -> dict:
+    """{sweep: [(value, label), ...]}; sweeps are SENSITIVITY's keys plus "r-vas".
+
+    The default value runs as the plain method label ('cntlora-self', not 'cntlora-self@ridge=0.01'),
+    so the sweeps of one method share that run instead of repeating it.
+    """
+    out = {}
+    for sweep, method in SENSITIVITY_METHOD.items():
+        key = sweep.removesuffix("-vas")
+        out[sweep] = [(v, method if v == SENSITIVITY_DEFAULT[key] else f"{method}@{key}={v:g}") for v in SENSITIVITY[key]]
     return out
 
 
-def plot_sensitivity(summary: dict, out, method: str = "cntlora-cross") -> Path:
-    """Final test metric (mean ± std over seeds) against each swept setting, one panel each."""
+def plot_sensitivity(summary: dict, out, reference: Optional[dict] = None) -> Path:
+    """Final test metric (mean ± std over seeds) against each swept setting, one panel each.
+
+    reference: a summary's entry for PEFT's default LoRA (e.g. from the task's headline table),
+    drawn as a line; by default the sensitivity summary's own 'default', if it has one.
+    """
     plt = _pyplot()
-    sweeps = sensitivity_labels(method)
-    keys = ["ridge", "gamma", "calib", "r"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
-    for ax, key in zip(axes, keys):
-        lines = [(key, method)] + ([("r-vas", f"{method}-vas")] if key == "r" else [])
-        for sweep, name in lines:
+    name = summary["task"].removesuffix("-sensitivity")
+    sweeps = sensitivity_labels()
+    reference = reference or summary["methods"].get("default")
+    fig, axes = plt.subplots(1, len(SENSITIVITY), figsize=(4 * len(SENSITIVITY), 3.6))
+    for ax, key in zip(axes, SENSITIVITY):
+        for sweep in [key] + (["r-vas"] if key == "r" else []):
             pts = [(v, summary["methods"][l]) for v, l in sweeps[sweep] if l in summary["methods"]]
             if pts:
                 ax.errorbar([v for v, _ in pts], [m["test_mean"] for _, m in pts], yerr=[m["test_std"] for _, m in pts],
-                            marker="o", capsize=3, label=name)
+                            marker="o", capsize=3, label=SENSITIVITY_METHOD[sweep])
         if key in ("ridge", "gamma", "calib"):
             ax.set_xscale("log")
-        if "default" in summary["methods"]:
-            ax.axhline(summary["methods"]["default"]["test_mean"], color="gray", ls="--", label="PEFT default")
+        ax.set_xticks(SENSITIVITY[key], [f"{v:g}" for v in SENSITIVITY[key]])  # the swept values, no log-scale clutter
+        ax.minorticks_off()
+        if reference:
+            ax.axhline(reference["test_mean"], color="gray", ls="--", label="PEFT default")
         ax.set_xlabel(key)
         ax.set_ylabel(f"test {summary['metric']}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{summary['task']}: sensitivity of {method}")
+    fig.suptitle(f"{name}: sensitivity of CNTLoRA (Self; γ on Cross)")
     fig.tight_layout()
-    path = Path(out) / f"sensitivity-{summary['task']}.png"
+    path = Path(out) / f"sensitivity-{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -----------------------------------------------------------------------------
+# run logs (bench/quality/run_all.py appends one JSON line per finished run)
+
+
+def table_name(spec_name: str) -> str:
+    """'text-fewshot+a_row_norm' -> 'text-fewshot': a spec named TABLE+PART adds its runs to TABLE."""
+    return spec_name.partition("+")[0]
+
+
+def load_runs(paths) -> dict:
+    """Run logs (oldest first) -> {table: results as summarize() takes them}.
+
+    Each line is {"kind": "meta"|"run", "spec": NAME, "data": ...}. Specs named TABLE+PART fold
+    into TABLE (they must agree on metric, steps and train size). A run logged more than once
+    (same table, label, seed and lr; e.g. by an earlier session and by this one) counts once:
+    the latest line wins.
+    """
+    metas, runs = {}, {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            name = table_name(row["spec"])
+            if row["kind"] == "meta":
+                meta = metas.setdefault(name, {**row["data"], "task": name})
+                keys = ("metric", "higher_is_better", "steps", "train_size")
+                if any(meta.get(k) != row["data"].get(k) for k in keys):
+                    raise CNTLoRAError(f"spec {row['spec']!r} in {path} differs from the other specs of table {name!r} "
+                                       f"in {', '.join(keys)}; give it a name of its own")
+            elif row["kind"] == "run":
+                r = row["data"]
+                runs.setdefault(name, {})[(r["label"], r["seed"], r["lr"])] = r
+    return {name: {**meta, "runs": list(runs[name].values())} for name, meta in metas.items() if runs.get(name)}
 
 
 # -----------------------------------------------------------------------------

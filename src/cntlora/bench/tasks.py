@@ -7,7 +7,7 @@ tokens: no packages needed, for the CI smoke test).
 
 $CNTLORA_BENCH_DATA, when set, names a folder written by bench/quality/export_data.py; the
 tasks then read the models and data from it instead of the installed packages (the GPU
-machine has none of them).
+machine has none of them). The lm tasks read it only when it holds smollm2/ (--only lm).
 """
 
 from __future__ import annotations
@@ -226,12 +226,26 @@ def vision_task(quick=False, train_size=None, image_size=64) -> Task:
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lm_task(quick=False, train_size=None, seq_len=128) -> Task:
+def _smollm2_and_plays():
+    folder = _exported()
+    if folder is not None and (folder / "smollm2").is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # exported in fp16 (export_data.py --only lm); trained in float32 like the packaged model
+        tokenizer = AutoTokenizer.from_pretrained(folder / "smollm2")
+        model = AutoModelForCausalLM.from_pretrained(folder / "smollm2", dtype=torch.float32)
+        return model, tokenizer, json.loads((folder / "shakespeare.json").read_text())
     from .. import zoo
 
     model, tokenizer = zoo.load_smollm2()
+    return model, tokenizer, zoo.shakespeare()
+
+
+def lm_task(quick=False, train_size=None, seq_len=128) -> Task:
+    from .. import zoo
+
+    model, tokenizer, plays = _smollm2_and_plays()
     model.eval()
-    plays = zoo.shakespeare()
     names = sorted(plays)
     n_train, n_val, n_test = _sizes(quick, train_size, 32, 64)
 

@@ -1,0 +1,127 @@
+"""The quality benchmark's scripts (bench/quality/): the run plan, the report, splitting data for transfer."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / "quality" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all = _script("run_all")
+split_for_transfer = _script("split_for_transfer")
+
+
+def test_only_runs_groups_in_the_order_given():
+    specs = run_all.plan("full", 5, 100)
+    names = [s.name for s in run_all.select(specs, ["a_row_norm", "lm-fewshot", "text", "vision", "sensitivity"])]
+    assert names[:5] == ["text-fewshot+a_row_norm", "vision-fewshot+a_row_norm", "lm-fewshot", "text", "vision"]
+    assert all("-sensitivity+" in n for n in names[5:]) and len(names) == 11
+    assert [s.name for s in run_all.select(specs, ["vision", "text"])] == ["vision", "text"]
+    with pytest.raises(SystemExit, match="no spec or group"):
+        run_all.select(specs, ["nothing"])
+
+
+def test_a_row_norm_sweep_jobs():
+    (spec,) = run_all.select(run_all.plan("full", 5, 100), ["text-fewshot+a_row_norm"])
+    n = len(run_all.A_ROW_NORM)
+    assert spec.methods == run_all.A_ROW_NORM and spec.lrs == run_all.LRS and spec.select_seeds == 1
+    jobs, runs, _ = run_all.estimate(spec)
+    # per label: seed 0 is one job trained at 3 lrs, seeds 1-4 one job at the chosen lr each
+    assert (jobs, runs) == (n * 5, n * (3 + 4))
+
+
+def test_sensitivity_takes_the_lr_each_method_chose_in_the_headline_table(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    rows = [{"kind": "meta", "spec": "text-fewshot", "data": {"task": "text-fewshot", "metric": "accuracy",
+                                                               "higher_is_better": True, "steps": 100, "train_size": 100}}]
+    for lr, val in zip(run_all.LRS, (0.5, 0.9, 0.7)):
+        rows.append({"kind": "run", "spec": "text-fewshot", "data": {
+            "label": "cntlora-self", "seed": 0, "lr": lr, "steps": 100, "val": {"100": val}, "test": 0.0}})
+    # cntlora-cross's search was cut short: it must not fix an lr
+    rows.append({"kind": "run", "spec": "text-fewshot", "data": {
+        "label": "cntlora-cross", "seed": 0, "lr": 1e-3, "steps": 100, "val": {"100": 0.9}, "test": 0.0}})
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = {s.name: s for s in run_all.select(run_all.plan("full", 5, 100, run_all.chosen_lrs([log])), ["sensitivity"])}
+    self_spec = specs["text-fewshot-sensitivity+cntlora-self"]
+    assert self_spec.lrs == [1e-3] and self_spec.select_seeds is None and self_spec.seeds == [0, 1, 2]
+    assert "cntlora-self" in self_spec.methods and "cntlora-self@ridge=0.01" not in self_spec.methods
+    cross = specs["text-fewshot-sensitivity+cntlora-cross"]
+    assert cross.lrs == run_all.LRS and cross.select_seeds == 1
+    assert specs["vision-fewshot-sensitivity+cntlora-self"].lrs == run_all.LRS  # nothing logged for vision
+    # every label of the study runs exactly once per task
+    labels = [l for s in specs.values() if s.task == "text-fewshot" for l in s.methods]
+    assert len(labels) == len(set(labels)) == 14
+
+
+def test_dry_run_prints_jobs_and_runs_nothing(capsys):
+    assert run_all.main(["--plan", "full", "--only", "a_row_norm", "--dry-run", "--workers", "15", "--lr-from"]) == 0
+    out = capsys.readouterr().out
+    n = len(run_all.A_ROW_NORM) * 2  # labels on the two few-shot tasks, 5 seeds, 3 lrs on seed 0
+    assert f"total: {n * 5} jobs, {n * 7} training runs" in out and "on 15 workers" in out
+
+
+def test_split_for_transfer_parts_fit_and_reassemble(tmp_path):
+    src = tmp_path / "export"
+    sizes = {"a.bin": 700, "m/b.bin": 600, "m/c.bin": 300, "d.json": 200, "m/e.txt": 100}
+    for name, size in sizes.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(os.urandom(size))
+    (tmp_path / "export_7").mkdir()  # not ours (no manifest): must survive
+    parts = split_for_transfer.split(src, 1000, "export_")
+    assert all(size <= 1000 for _, size in parts) and len(parts) == 2
+    joined = tmp_path / "joined"
+    for part, _ in parts:
+        for f in part.rglob("*"):
+            if f.is_file():
+                (joined / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
+                (joined / f.relative_to(part)).write_bytes(f.read_bytes())
+    assert split_for_transfer.check(joined) == []
+    for name in sizes:
+        assert (joined / name).read_bytes() == (src / name).read_bytes()
+    (joined / "m/c.bin").unlink()
+    assert split_for_transfer.check(joined) == ["m/c.bin"]
+    # a second split replaces the parts of the first, and a file larger than a part is refused
+    assert len(split_for_transfer.split(src, 2000, "export_")) == 1
+    assert not (tmp_path / "export_1").exists() and (tmp_path / "export_7").exists()
+    with pytest.raises(SystemExit, match="a.bin"):
+        split_for_transfer.split(src, 650, "export_")
+
+
+@pytest.mark.slow  # needs the packaged SmolLM2 (a 20 s dequantization on first use) and writes 270 MB
+def test_lm_task_reads_the_exported_smollm2(tmp_path, monkeypatch):
+    from cntlora.bench.tasks import make_task
+
+    _script("export_data").main([str(tmp_path / "data"), "--only", "lm"])
+    parts = split_for_transfer.split(tmp_path / "data", 60 * 2**20, "part_")
+    assert all(size <= 60 * 2**20 for _, size in parts)
+    shards = list((tmp_path / "data" / "smollm2").glob("*.safetensors"))
+    assert len(shards) > 1 and max(f.stat().st_size for f in shards) <= 60 * 2**20
+    joined = tmp_path / "joined"
+    for part, _ in parts:
+        for f in part.rglob("*"):
+            if f.is_file():
+                (joined / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
+                (joined / f.relative_to(part)).write_bytes(f.read_bytes())
+    assert split_for_transfer.check(joined) == []
+    monkeypatch.delenv("CNTLORA_BENCH_DATA", raising=False)
+    packaged = make_task("lm-fewshot", quick=True)
+    monkeypatch.setenv("CNTLORA_BENCH_DATA", str(joined))
+    exported = make_task("lm-fewshot", quick=True)
+    assert all(torch.equal(a, b) for a, b in zip(packaged.train + packaged.test, exported.train + exported.test))
+    a, b = packaged.build_model(0), exported.build_model(0)
+    assert next(b.parameters()).dtype == torch.float32
+    batch = packaged.collate(packaged.val[:2])
+    with torch.no_grad():
+        la, lb = (m(input_ids=batch["input_ids"]).logits for m in (a, b))
+    assert (la - lb).abs().max() < 0.02 * la.abs().max()  # fp16 rounding of the weights only
