@@ -71,6 +71,16 @@ def test_dry_run_prints_jobs_and_runs_nothing(capsys):
     assert f"total: {n * 5} jobs, {n * 7} training runs" in out and "on 15 workers" in out
 
 
+def _reassemble(parts, joined):
+    """What the GPU machine does with the parts: copy each one's files into one folder."""
+    for part, _ in parts:
+        for f in part.rglob("*"):
+            if f.is_file():
+                (joined / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
+                (joined / f.relative_to(part)).write_bytes(f.read_bytes())
+    return joined
+
+
 def test_split_for_transfer_parts_fit_and_reassemble(tmp_path):
     src = tmp_path / "export"
     sizes = {"a.bin": 700, "m/b.bin": 600, "m/c.bin": 300, "d.json": 200, "m/e.txt": 100}
@@ -80,12 +90,7 @@ def test_split_for_transfer_parts_fit_and_reassemble(tmp_path):
     (tmp_path / "export_7").mkdir()  # not ours (no manifest): must survive
     parts = split_for_transfer.split(src, 1000, "export_")
     assert all(size <= 1000 for _, size in parts) and len(parts) == 2
-    joined = tmp_path / "joined"
-    for part, _ in parts:
-        for f in part.rglob("*"):
-            if f.is_file():
-                (joined / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
-                (joined / f.relative_to(part)).write_bytes(f.read_bytes())
+    joined = _reassemble(parts, tmp_path / "joined")
     assert split_for_transfer.check(joined) == []
     for name in sizes:
         assert (joined / name).read_bytes() == (src / name).read_bytes()
@@ -107,12 +112,7 @@ def test_lm_task_reads_the_exported_smollm2(tmp_path, monkeypatch):
     assert all(size <= 60 * 2**20 for _, size in parts)
     shards = list((tmp_path / "data" / "smollm2").glob("*.safetensors"))
     assert len(shards) > 1 and max(f.stat().st_size for f in shards) <= 60 * 2**20
-    joined = tmp_path / "joined"
-    for part, _ in parts:
-        for f in part.rglob("*"):
-            if f.is_file():
-                (joined / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
-                (joined / f.relative_to(part)).write_bytes(f.read_bytes())
+    joined = _reassemble(parts, tmp_path / "joined")
     assert split_for_transfer.check(joined) == []
     monkeypatch.delenv("CNTLORA_BENCH_DATA", raising=False)
     packaged = make_task("lm-fewshot", quick=True)
