@@ -12,7 +12,7 @@ from torch import nn
 import cntlora
 import cntlora.statistics as statistics
 from cntlora.bench import cost
-from cntlora.solver import mode_constraints, solve_delta, transfer_matrix
+from cntlora.solver import mode_constraints, normal_equations, solve_delta
 
 
 def _args(tmp_path, **over):
@@ -91,7 +91,7 @@ def test_shared_solve_equals_the_per_layer_solve():
     fine = cntlora.solver.Moments(200.0, x.mean(0), x.T @ x / 200)
     w0 = torch.randn(5, 12, dtype=torch.float64)
     constraints = mode_constraints(cntlora.CNTLoRAConfig(mode="self"))
-    torch.testing.assert_close(w0 @ transfer_matrix(fine, None, constraints, 1e-2),
+    torch.testing.assert_close(w0 @ normal_equations(fine, None, constraints, 1e-2).transfer(),
                                solve_delta(w0, fine, None, constraints, 1e-2), rtol=1e-9, atol=1e-12)
 
 

@@ -221,3 +221,17 @@ def test_a_row_norm_sets_subspace_scale(collected):
         assert torch.allclose(lp.A.double().norm(dim=1), torch.ones(3, dtype=torch.float64), atol=1e-6)
     with pytest.raises(cntlora.CNTLoRAError, match="a_row_norm"):
         CNTLoRAConfig(a_row_norm=0.0)
+
+
+def test_a_singular_system_names_the_fix():
+    from cntlora.solver import Moments, mode_constraints, normal_equations
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    x[:, 8:] = 0  # four features never active: an exactly singular second moment
+    fine = Moments(40.0, x.mean(0), x.T @ x / 40)
+    with pytest.raises(cntlora.CNTLoRAError, match="raise ridge"):
+        normal_equations(fine, None, mode_constraints(cntlora.CNTLoRAConfig(mode="self")), ridge=0.0)
+    system = normal_equations(fine, None, mode_constraints(cntlora.CNTLoRAConfig(mode="self")), ridge=1e-2)
+    gram = fine.second + 1e-2 * torch.trace(fine.second) / 12 * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(system.chol @ system.chol.T, gram)

@@ -204,20 +204,17 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
                 group_cache.clear()
                 group_cache[group] = {"system": _system(stats, group, source, w0, constraints, config.ridge)}
             cached = group_cache[group]
-            if implicit:
-                products = cached["system"].products(w0)
-            elif _share_transfer(stats, group):
-                if "transfer" not in cached:
-                    cached["transfer"] = cached["system"].transfer()
-                delta = w0 @ cached["transfer"]
-            else:
-                delta = cached["system"].delta(w0)
+            system = cached["system"]
         else:
-            system = _system(stats, name, source, w0, constraints, config.ridge)
-            if implicit:
-                products = system.products(w0)
-            else:
-                delta = system.delta(w0)
+            cached, system = None, _system(stats, name, source, w0, constraints, config.ridge)
+        if implicit:
+            products = system.products(w0)
+        elif cached is not None and _share_transfer(stats, group):
+            if "transfer" not in cached:
+                cached["transfer"] = system.transfer()
+            delta = w0 @ cached["transfer"]
+        else:
+            delta = system.delta(w0)
         synchronize(device)
         t1 = time.perf_counter()
         if implicit:
