@@ -12,6 +12,8 @@ from torch import nn
 import cntlora
 import cntlora.statistics as statistics
 from cntlora.bench import cost
+from cntlora.decompose import DenseProducts, randomized_range, ritz_triplets
+from cntlora.plan import PhaseClock
 from cntlora.solver import mode_constraints, normal_equations, solve_delta
 
 
@@ -309,3 +311,55 @@ def test_a_result_cut_short_keeps_the_medians_of_the_runs_it_finished(tmp_path):
     assert done["methods"]["floor"]["median_seconds"] == full["methods"]["floor"]["median_seconds"]
     rows = cost.summarize([str(out)])["runs"]
     assert {r["method"]: r["repeats"] for r in rows} == {"floor": 2, "cntlora-self": 2, "default": 1}
+
+
+def test_wide_sums_keep_only_the_upper_block_triangle(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 50), nn.ReLU(), nn.Linear(50, 7))
+    batches = [torch.randn(3, 5, 40) for _ in range(3)]
+    plain = cntlora.collect_statistics(model, batches, ["0", "2"], progress=False)
+    monkeypatch.setattr(statistics, "BLOCKED_GRAM_FROM", 10)
+    packed = cntlora.collect_statistics(model, batches, ["0", "2"], progress=False)
+    wide = packed.fine["2"]
+    assert [tuple(r.shape) for r in wide.rows] == [(12, 50), (13, 38), (13, 25), (12, 12)]
+    assert sum(r.numel() for r in wide.rows) == 12 * 50 + 13 * 38 + 13 * 25 + 12 * 12 < 50 * 50
+    assert packed.nbytes() < plain.nbytes()
+    full = wide.outer
+    assert torch.equal(full, full.T)
+    torch.testing.assert_close(full, plain.fine["2"].outer, rtol=1e-6, atol=1e-5)
+    # saved as the plain full matrix, loaded back into the same blocks (any blocking constant)
+    packed.save(tmp_path / "s.safetensors")
+    monkeypatch.setattr(statistics, "BLOCKED_GRAM_FROM", 4096)
+    loaded = cntlora.Statistics.load(tmp_path / "s.safetensors")
+    assert torch.equal(loaded.fine["2"].outer, full)
+    moments = wide.moments()
+    torch.testing.assert_close(moments.second, full / float(wide.count))
+    # a capped collection plans its passes by the packed size: both inputs fit in one pass here
+    monkeypatch.setattr(statistics, "BLOCKED_GRAM_FROM", 10)
+    need = 8 * (sum(r.numel() for s in packed.fine.values() for r in s.rows) + 40 + 50 + 2)
+    capped = cntlora.collect_statistics(model, batches, ["0", "2"], progress=False, max_stats_memory=need)
+    assert capped.info["fine"]["passes"] == 1
+
+
+def test_batched_ritz_step_equals_the_per_layer_one():
+    torch.manual_seed(3)
+    deltas = [torch.randn(30, 6, dtype=torch.float64) @ torch.randn(6, 20, dtype=torch.float64) for _ in range(3)]
+    ranges = [randomized_range(DenseProducts(d), 4, seed=0) for d in deltas]
+    u, s, v = ritz_triplets(torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges]), 4)
+    for i, d in enumerate(deltas):
+        one_u, one_s, one_v = ritz_triplets(*ranges[i], 4)
+        torch.testing.assert_close(s[i], one_s)
+        torch.testing.assert_close((u[i] * s[i]) @ v[i].T, (one_u * one_s) @ one_v.T)
+        exact = torch.linalg.svdvals(d)[:4]
+        torch.testing.assert_close(s[i], exact, rtol=1e-10, atol=1e-10)
+
+
+def test_phase_clock_adds_up_the_spans_of_each_phase():
+    clock = PhaseClock(torch.device("cpu"))
+    clock.mark("solve")
+    clock.mark("decompose")
+    clock.mark("solve")
+    totals = clock.totals()
+    assert set(totals) == {"solve", "decompose"}
+    assert all(t >= 0 for t in totals.values())
+    assert len([p for p, _, _ in clock.spans if p == "solve"]) == 2

@@ -6,7 +6,8 @@ import torch
 import cntlora
 from cntlora.config import CNTLoRAConfig
 from cntlora.layers import weight_matrix
-from cntlora.solver import alignment_matrix, mode_constraints, pretrain_moments, solve_delta, Moments
+from cntlora.solver import (Moments, alignment_matrix, mode_constraints, normal_equations, pretrain_moments,
+                            reproduce_frozen, solve_delta, vanish)
 
 from helpers import TwoLayerMLP, capture_inputs, feature_batches
 
@@ -235,3 +236,23 @@ def test_a_singular_system_names_the_fix():
     system = normal_equations(fine, None, mode_constraints(cntlora.CNTLoRAConfig(mode="self")), ridge=1e-2)
     gram = fine.second + 1e-2 * torch.trace(fine.second) / 12 * torch.eye(12, dtype=torch.float64)
     torch.testing.assert_close(system.chol @ system.chol.T, gram)
+
+
+def test_reproduce_only_systems_skip_the_rhs_product_and_agree_with_it():
+    """Self (and any list of reproduce_frozen constraints) has rhs = gram − λI, so ΔW = W0 − λ·W0·gram⁻¹."""
+    torch.manual_seed(5)
+    x = torch.randn(300, 10, dtype=torch.float64) * torch.linspace(0.1, 3, 10, dtype=torch.float64)
+    p = torch.randn(300, 10, dtype=torch.float64)
+    fine = Moments(300.0, x.mean(0), x.T @ x / 300)
+    pre = Moments(300.0, p.mean(0), p.T @ p / 300)
+    w0 = torch.randn(4, 10, dtype=torch.float64)
+    two = [reproduce_frozen("fine"), reproduce_frozen("pretrain", 0.5)]
+    for constraints, pretrain in (([reproduce_frozen("fine")], None), (two, pre)):
+        system = normal_equations(fine, pretrain, constraints, 1e-2)
+        assert system.rhs_gap is not None
+        gram = system.chol @ system.chol.T
+        torch.testing.assert_close(system.rhs, gram - system.rhs_gap * torch.eye(10, dtype=torch.float64))
+        slow = torch.linalg.solve(gram, (w0 @ system.rhs).T).T  # the general formula, for the test only
+        torch.testing.assert_close(system.delta(w0), slow, rtol=1e-10, atol=1e-12)
+    cross = normal_equations(fine, pre, [reproduce_frozen("fine"), vanish("pretrain", 1.0)], 1e-2)
+    assert cross.rhs_gap is None

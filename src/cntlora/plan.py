@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CNTLoRAConfig, CNTLoRAError
-from .decompose import (DEFAULT_A_ROW_NORM, Spectrum, allocate_ranks, component_scores, lora_factors, top_singular,
-                        top_singular_implicit)
+from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores, lora_factors,
+                        randomized_range, ritz_triplets, top_singular)
 from .layers import LayerSpec, base_layer, weight_matrix
 from .solver import mode_constraints, needs_pretrain, normal_equations, pretrain_moments
 from .statistics import Statistics
@@ -141,6 +141,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PhaseClock:
+    """Per-phase times of a loop that must not wait for the GPU: CUDA events between the
+    phases (read once at the end), wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: List[tuple] = []
+        self.last = self._now()
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, phase: str) -> None:
+        """The time since the previous mark goes to `phase`."""
+        now = self._now()
+        self.spans.append((phase, self.last, now))
+        self.last = now
+
+    def totals(self) -> Dict[str, float]:
+        if self.cuda:
+            self.last.synchronize()
+        out: Dict[str, float] = {}
+        for phase, start, end in self.spans:
+            seconds = start.elapsed_time(end) / 1000 if self.cuda else end - start
+            out[phase] = out.get(phase, 0.0) + seconds
+        return out
+
+
 def _system(stats: Statistics, layer: str, source: Optional[str], w0: torch.Tensor, constraints, ridge: float):
     """The factored normal equations of `layer`'s input, float64 on W0's device."""
     fine = stats.moments(layer, device=w0.device)
@@ -157,6 +189,21 @@ def _share_transfer(stats: Statistics, group: str) -> bool:
     n = stats.layers[group].in_features
     members = [s for name, s in stats.layers.items() if stats.groups[name] == group]
     return sum(s.out_features for s in members) >= n
+
+
+def _ritz_by_shape(ranges: Dict[str, tuple], ranks: Dict[str, int]) -> Dict[str, Spectrum]:
+    """The Ritz step of every randomized layer, one batched call per (basis, projected) shape."""
+    by_shape: Dict[tuple, List[str]] = {}
+    for name, (basis, projected) in ranges.items():
+        by_shape.setdefault((tuple(basis.shape), tuple(projected.shape)), []).append(name)
+    out = {}
+    for names in by_shape.values():
+        u, s, v = ritz_triplets(torch.stack([ranges[n][0] for n in names]), torch.stack([ranges[n][1] for n in names]),
+                                max(ranks[n] for n in names))
+        for i, name in enumerate(names):
+            k = ranks[name]
+            out[name] = Spectrum(u[i, :, :k], s[i, :k], v[i, :, :k], None)
+    return out
 
 
 def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool) -> Plan:
@@ -179,10 +226,12 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
                 f"({s.out_features}×{s.in_features}); lower r or leave that layer out"
             )
 
-    timings = {"solve": 0.0, "decompose": 0.0}
     spectra: Dict[str, Spectrum] = {}
-    w0_norms: Dict[str, float] = {}
+    ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected), their Ritz step batched by shape below
+    energies: Dict[str, Optional[torch.Tensor]] = {}
+    w0_norms: Dict[str, torch.Tensor] = {}
     device = _solve_device(modules)
+    clock = PhaseClock(device)
     above = config.randomized_svd_above
     if above is None:
         above = 256 if device.type == "cuda" else 2048
@@ -193,12 +242,15 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
     implicit_allowed = device.type == "cpu" and not (config.vas and config.vas_score == "energy")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
+    # Nothing in this loop reads a GPU value back (only a group's first system does), so the
+    # device never idles while Python prepares the next layer.
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
-        t0 = time.perf_counter()
         spec = stats.layers[name]
         group = stats.groups[name]
         w0 = weight_matrix(modules[name], spec).detach().to(device, torch.float64)
-        implicit = implicit_allowed and min(spec.out_features, spec.in_features) > above
+        k = min(config.max_rank, spec.out_features, spec.in_features)
+        randomized = min(spec.out_features, spec.in_features) > above
+        implicit = implicit_allowed and randomized
         if source != "weights":  # the system depends on the shared input only
             if group not in group_cache:
                 group_cache.clear()
@@ -212,19 +264,29 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         elif cached is not None and _share_transfer(stats, group):
             if "transfer" not in cached:
                 cached["transfer"] = system.transfer()
-            delta = w0 @ cached["transfer"]
+            products = DenseProducts(w0 @ cached["transfer"])
         else:
-            delta = system.delta(w0)
-        synchronize(device)
-        t1 = time.perf_counter()
-        if implicit:
-            spectra[name] = top_singular_implicit(products, config.max_rank, config.seed, config.svd_niter)
+            products = DenseProducts(system.delta(w0))
+        clock.mark("solve")
+        energies[name] = None if implicit else products.matrix.pow(2).sum()
+        if randomized:
+            ranges[name] = randomized_range(products, k, config.seed, config.svd_niter)
         else:
-            spectra[name] = top_singular(delta, config.max_rank, config.seed, above, config.svd_niter)
-        w0_norms[name] = float(torch.linalg.norm(w0))
-        timings["solve"] += t1 - t0
-        timings["decompose"] += time.perf_counter() - t1
+            spectra[name] = top_singular(products.matrix, k, config.seed, above, config.svd_niter)
+        w0_norms[name] = torch.linalg.norm(w0)
+        clock.mark("decompose")
     group_cache.clear()
+    spectra.update(_ritz_by_shape(ranges, {n: min(config.max_rank, s.out_features, s.in_features)
+                                           for n, s in stats.layers.items()}))
+    clock.mark("decompose")
+    # one transfer of every layer's spectrum; the factors are built on the CPU (they end there)
+    norms = torch.stack(list(w0_norms.values())).cpu().tolist()
+    w0_norms = dict(zip(w0_norms, norms))
+    for name in stats.layers:
+        sp, energy = spectra[name], energies[name]
+        spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), None if energy is None else float(energy))
+    timings = clock.totals()
+    t0 = time.perf_counter()
 
     budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in stats.layers.values())
     if config.vas:
@@ -234,7 +296,6 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     else:
         ranks = {n: config.r for n in stats.layers}
 
-    t0 = time.perf_counter()
     layers = {}
     for i, (name, spec) in enumerate(stats.layers.items()):
         sp = spectra[name]
@@ -247,8 +308,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
             a = torch.zeros(0, spec.in_features, dtype=torch.float64)
             cap = 1.0
-        layers[name] = LayerPlan(
-            name, spec, ranks[name], b.float().cpu(), a.float().cpu(), sp.s.cpu(), sp.energy, w0_norms[name], cap
-        )
-    timings["decompose"] += time.perf_counter() - t0
+        layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.s, sp.energy, w0_norms[name], cap)
+    timings["decompose"] = timings.get("decompose", 0.0) + time.perf_counter() - t0
+    timings.setdefault("solve", 0.0)
     return Plan(config, layers, source, budget, timings)

@@ -153,19 +153,22 @@ def pretrain_moments(source: str, fine: Moments, weight: Tensor, reference: Opti
         w = weight.to(dtype=dtype, device=device)
         gram = w.T @ w
         kappa = trace_f / torch.trace(gram).clamp_min(torch.finfo(dtype).tiny)
-        return Moments(float(weight.shape[0]), zero, kappa * gram)
+        return Moments(float(weight.shape[0]), zero, gram.mul_(kappa))
     if source == "isotropic":
         return Moments(float(n), zero, (trace_f / n) * torch.eye(n, dtype=dtype, device=device))
     raise CNTLoRAError(f"unknown pretrain_source {source!r}; use 'reference', 'weights' or 'isotropic'")
 
 
 def _apply_target(r: Union[float, Tensor], q: Optional[Tensor], moments: Moments) -> Tensor:
-    """R C + q muᵀ for R given as a scalar, a diagonal or a matrix."""
+    """R C + q muᵀ for R given as a scalar, a diagonal or a matrix. R = 1 without q returns C
+    itself (no copy): the caller must not modify the result in place."""
     c = moments.second
     if isinstance(r, Tensor) and r.dim() == 2:
         out = r @ c
     elif isinstance(r, Tensor):
         out = r.unsqueeze(1) * c
+    elif float(r) == 1.0:
+        out = c
     else:
         out = float(r) * c
     if q is not None:
@@ -179,6 +182,9 @@ class NormalEquations:
 
     chol: Tensor  # lower Cholesky factor of Σ_k w_k C_k + λI
     rhs: Tensor  # Σ_k w_k (R_k C_k + q_k muᵀ)
+    # λ when rhs = gram − λI, i.e. every constraint asks ΔW x ≈ W0 x on its own inputs (Self);
+    # then ΔW = W0 − λ·W0·gram⁻¹, which skips the m×n×n product W0·rhs (a third of the solve)
+    rhs_gap: Optional[float] = None
 
     def transfer(self) -> Tensor:
         """T = rhs · gram⁻¹ (n × n), so that ΔW = W0 · T; gram is symmetric, hence the transposed system."""
@@ -189,6 +195,8 @@ class NormalEquations:
         w0 = weight.to(dtype=self.rhs.dtype, device=self.rhs.device)
         if w0.shape[0] > w0.shape[1]:  # tall W0: n right-hand sides instead of m (n³ + m·n² instead of 2·m·n²)
             return w0 @ self.transfer()
+        if self.rhs_gap is not None:
+            return torch.cholesky_solve(w0.T, self.chol).T.mul_(-self.rhs_gap).add_(w0)
         return torch.cholesky_solve((w0 @ self.rhs).T, self.chol).T
 
     def products(self, weight: Tensor) -> "ImplicitDelta":
@@ -231,18 +239,29 @@ def normal_equations(
     dist = {"fine": fine, "pretrain": pretrain}
     if needs_pretrain(constraints) and pretrain is None:
         raise CNTLoRAError("a constraint on 'pretrain' inputs needs pre-training statistics")
+    if not constraints:
+        raise CNTLoRAError("no constraints to solve; pass at least one Constraint (or leave constraints=None)")
 
-    gram = torch.zeros(n, n, dtype=dtype, device=device)
+    # no n×n temporaries beyond gram and rhs: at n = 8192 each float64 matrix is 512 MB
+    gram = None
     for c in constraints:
-        gram += c.weight * dist[c.on].second
+        second = dist[c.on].second
+        gram = second * c.weight if gram is None else gram.add_(second, alpha=c.weight)
     lam = float(ridge * torch.trace(gram) / n)
     ctx = SolveContext(fine, pretrain, lam)
 
-    rhs = torch.zeros(n, n, dtype=dtype, device=device)
+    rhs = None
+    reproduce_only = True  # every target is R = 1 without q: then rhs = gram − λI
     for c in constraints:
+        reproduce_only = reproduce_only and c.target is not None
         if c.target is not None:
             r, q = c.target(ctx)
-            rhs += c.weight * _apply_target(r, q, dist[c.on])
+            reproduce_only = reproduce_only and q is None and not isinstance(r, Tensor) and float(r) == 1.0
+            term = _apply_target(r, q, dist[c.on])  # may be a moment matrix itself: never added to in place
+            term = term if c.weight == 1.0 else term * c.weight
+            rhs = term if rhs is None else rhs + term
+    if rhs is None:
+        rhs = torch.zeros(n, n, dtype=dtype, device=device)
 
     gram.diagonal().add_(lam)
     # in place: one n×n float64 matrix less at the solve's memory peak (512 MB for n = 8192)
@@ -252,7 +271,7 @@ def normal_equations(
             "the constraint system is singular (the inputs span fewer than n directions); "
             "raise ridge (e.g. ridge=1e-2) or collect more data"
         )
-    return NormalEquations(chol, rhs)
+    return NormalEquations(chol, rhs, lam if reproduce_only else None)
 
 
 def solve_delta(

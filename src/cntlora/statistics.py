@@ -35,20 +35,58 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Sums:
-    """Running sums over the rows x of one distinct layer input."""
+    """Running sums over the rows x of one distinct layer input.
+
+    Σ x xᵀ is symmetric, so only its upper block triangle is kept, as block rows:
+    rows[i] = (Σ x xᵀ)[e_i:e_i+1, e_i:] for the block edges e of gram_blocks(n). Inputs
+    narrower than BLOCKED_GRAM_FROM have one block row (the whole matrix); wider ones hold
+    5/8 of it (4 blocks), which is what lets the statistics of a model fit beside it.
+    """
 
     count: torch.Tensor  # scalar
     total: torch.Tensor  # n
-    outer: torch.Tensor  # n × n (float32 or float64: the accumulator dtype)
+    rows: List[torch.Tensor]  # the block rows of the upper block triangle of Σ x xᵀ
 
     @classmethod
     def zeros(cls, n: int, device, dtype=torch.float64) -> "Sums":
-        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        rows = [torch.zeros(a1 - a0, n - a0, dtype=dtype, device=device) for a0, a1 in gram_blocks(n)]
         # the count stays float64: float32 stops counting exactly at 2**24 rows
-        return cls(torch.zeros((), dtype=torch.float64, device=device), z(n), z(n, n))
+        return cls(torch.zeros((), dtype=torch.float64, device=device), torch.zeros(n, dtype=dtype, device=device), rows)
 
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        return {"count": self.count, "total": self.total, "outer": self.outer}
+    @classmethod
+    def from_outer(cls, count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> "Sums":
+        return cls(count, total, [outer[a0:a1, a0:].clone() for a0, a1 in gram_blocks(outer.shape[0])])
+
+    @property
+    def outer(self) -> torch.Tensor:
+        """Σ x xᵀ as a full n × n matrix, in the accumulator's dtype and place."""
+        return self.full(self.rows[0].dtype)
+
+    def blocks(self) -> List[tuple]:
+        """The (start, stop) of each block row, read off the rows' shapes."""
+        n = self.total.numel()
+        return [(n - r.shape[1], n - r.shape[1] + r.shape[0]) for r in self.rows]
+
+    def full(self, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """Σ x xᵀ as a full n × n matrix of `dtype` on `device` (moved before the conversion)."""
+        n = self.total.numel()
+        device = self.rows[0].device if device is None else device
+        out = torch.empty(n, n, dtype=dtype, device=device)
+        for (a0, a1), row in zip(self.blocks(), self.rows):
+            out[a0:a1, a0:] = row.to(device, non_blocking=True)
+            out[a1:, a0:a1] = out[a0:a1, a1:].T
+            # a GEMM's XᵀX is symmetric only to rounding: mirror the upper triangle, so every
+            # solve sees one exactly symmetric matrix (Cholesky reads the lower half, GEMMs all of it)
+            diagonal = out[a0:a1, a0:a1]
+            diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        return out
+
+    def to(self, device) -> "Sums":
+        return Sums(self.count.to(device), self.total.to(device), [r.to(device) for r in self.rows])
+
+    def tensors(self) -> List[torch.Tensor]:
+        """Every tensor of the sums (for reductions and byte counts)."""
+        return [self.count, self.total, *self.rows]
 
     def moments(self, device=None) -> Moments:
         """Float64 moments (what the solve needs, whatever the accumulator was), on `device`
@@ -57,8 +95,8 @@ class Sums:
         n = float(self.count)
         if n <= 0:
             raise CNTLoRAError("no rows were collected for a layer (every position was masked out?)")
-        total, outer = (self.total, self.outer) if device is None else (self.total.to(device), self.outer.to(device))
-        return Moments(n, total.double() / n, outer.double() / n)
+        device = self.total.device if device is None else device
+        return Moments(n, self.total.to(device).double() / n, self.full(torch.float64, device).div_(n))
 
 
 @dataclass
@@ -82,7 +120,7 @@ class Statistics:
 
     def nbytes(self) -> int:
         sets = [self.fine] + ([self.reference] if self.reference else [])
-        return sum(t.numel() * t.element_size() for s in sets for v in s.values() for t in v.tensors().values())
+        return sum(t.numel() * t.element_size() for s in sets for v in s.values() for t in v.tensors())
 
     def save(self, path: Union[str, os.PathLike], overwrite: bool = False) -> None:
         """Write a safetensors file atomically; refuses to replace existing statistics."""
@@ -94,8 +132,9 @@ class Statistics:
                                "Pick another path or pass overwrite=True")
         tensors = {}
         for which, sets in (("fine", self.fine), ("reference", self.reference or {})):
-            for group, sums in sets.items():
-                for key, t in sums.tensors().items():
+            for group, sums in sets.items():  # the full matrix on disk: the format stays plain
+                plain = {"count": sums.count, "total": sums.total, "outer": sums.full(torch.float64, "cpu")}
+                for key, t in plain.items():
                     tensors[f"{which}/{group}/{key}"] = t.detach().to("cpu", torch.float64).contiguous()
         meta = {
             "format": "cntlora.statistics",
@@ -126,7 +165,7 @@ class Statistics:
             which, rest = key.split("/", 1)
             group = rest.rsplit("/", 1)[0]
             if group not in sets[which]:
-                sets[which][group] = Sums(**{k: raw[f"{which}/{group}/{k}"] for k in ("count", "total", "outer")})
+                sets[which][group] = Sums.from_outer(*(raw[f"{which}/{group}/{k}"] for k in ("count", "total", "outer")))
         return cls(
             layers={k: LayerSpec.from_dict(v) for k, v in json.loads(meta["layers"]).items()},
             groups=json.loads(meta["groups"]),
@@ -224,9 +263,8 @@ def to_device(batch, device):
     return batch
 
 
-# Inputs at least this wide fill only the upper block triangle of XᵀX (blocks of n/4 or
-# n/2 still keep the GEMMs large), which saves up to 3/8 of the statistics' FLOPs; the
-# lower blocks are mirrored once at the end of the pass (symmetrize_gram).
+# Inputs at least this wide keep only the upper block triangle of XᵀX (blocks of n/4 or n/2
+# still keep the GEMMs large): up to 3/8 fewer FLOPs and bytes; Sums.full mirrors the rest.
 BLOCKED_GRAM_FROM = 4096
 
 
@@ -257,13 +295,9 @@ def _gemm_kind(rows: torch.Tensor, acc: torch.Tensor) -> str:
         want = x.float().T @ x.float() + 1.0  # onto a running sum that is not zero
         for candidate in ("fused", "mm_out"):
             try:
-                whole = torch.ones(48, 48, device=rows.device)
-                _add_product(candidate, whole, x.T, x)
-                outer = torch.zeros(64, 64, device=rows.device)  # a strided block, as in blocked grams
-                outer[8:56, 8:56] = 1.0
-                _add_product(candidate, outer[8:56, 8:56], x.T, x)
-                close = lambda got: torch.allclose(got, want, rtol=1e-3, atol=1e-3)  # noqa: E731
-                if close(whole) and close(outer[8:56, 8:56]) and float(outer[:8].abs().sum()) == 0:
+                trial = torch.ones(48, 48, device=rows.device)
+                _add_product(candidate, trial, x.T, x)
+                if torch.allclose(trial, want, rtol=1e-3, atol=1e-3):
                     kind = candidate
                     break
             except (RuntimeError, TypeError):
@@ -283,22 +317,11 @@ def _add_product(kind: str, acc: torch.Tensor, left: torch.Tensor, right: torch.
         acc.add_(left.float() @ right.float())
 
 
-def add_gram(acc: torch.Tensor, rows: torch.Tensor) -> None:
-    """acc += rowsᵀ·rows; for wide inputs only the blocks on and above the diagonal."""
-    kind = _gemm_kind(rows, acc)
-    blocks = gram_blocks(acc.shape[0])
-    for i, (a0, a1) in enumerate(blocks):
-        left = rows[:, a0:a1].T
-        for b0, b1 in blocks[i:]:
-            _add_product(kind, acc[a0:a1, b0:b1], left, rows[:, b0:b1])
-
-
-def symmetrize_gram(acc: torch.Tensor) -> None:
-    """Copy the upper blocks filled by add_gram into the lower ones."""
-    blocks = gram_blocks(acc.shape[0])
-    for i, (a0, a1) in enumerate(blocks):
-        for b0, b1 in blocks[i + 1:]:
-            acc[b0:b1, a0:a1] = acc[a0:a1, b0:b1].T
+def add_gram(sums: Sums, rows: torch.Tensor) -> None:
+    """sums.rows += the upper block rows of rowsᵀ·rows: one GEMM per block row."""
+    kind = _gemm_kind(rows, sums.rows[0])
+    for (a0, a1), acc in zip(sums.blocks(), sums.rows):
+        _add_product(kind, acc, rows[:, a0:a1].T, rows[:, a0:])
 
 
 def stats_dtype_for(device: torch.device, stats_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -377,7 +400,7 @@ class _Collector:
                 rows = rows * keep.unsqueeze(1)  # a 0/1 weight: exact in any dtype
                 sums.count += keep.sum(dtype=sums.count.dtype)
             sums.total += rows.sum(0, dtype=sums.total.dtype)
-            add_gram(sums.outer, rows)
+            add_gram(sums, rows)
             if name == self.stop_at:
                 raise _StopForward
 
@@ -483,7 +506,8 @@ def _memory_passes(
         return [leaders]
     passes, current, used = [], [], 0
     for g in leaders:
-        need = itemsize * (specs[g].in_features ** 2 + specs[g].in_features + 1)
+        n = specs[g].in_features
+        need = itemsize * (sum((a1 - a0) * (n - a0) for a0, a1 in gram_blocks(n)) + n + 1)
         if need > cap:
             raise CNTLoRAError(
                 f"the statistics of {g!r} alone need {need} bytes, over max_stats_memory={cap}; raise the cap"
@@ -510,7 +534,7 @@ def _all_reduce(sums: Dict[str, Sums]) -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for s in sums.values():
-            for t in s.tensors().values():
+            for t in s.tensors():
                 dist.all_reduce(t)
 
 
@@ -586,8 +610,7 @@ def collect_statistics(
                     batches, _ = _run_pass(model, loader, collector, desc=desc, progress=progress, **run)
                 _finish_discovery(collector)
                 for g, s in collector.sums.items():
-                    symmetrize_gram(s.outer)
-                    results[which][g] = Sums(s.count.cpu(), s.total.cpu(), s.outer.cpu()) if offload else s
+                    results[which][g] = s.to("cpu") if offload else s
             info[which] = {"batches": batches, "passes": len(passes)}
             _all_reduce(results[which])
     info["stats_dtype"] = str(dtype).replace("torch.", "")
@@ -595,7 +618,7 @@ def collect_statistics(
 
     for which, sums in results.items():
         for g, s in sums.items():
-            if not (torch.isfinite(s.outer).all() and torch.isfinite(s.total).all()):
+            if not all(bool(torch.isfinite(t).all()) for t in s.tensors()):
                 sharing = [n for n, lead in collector.groups.items() if lead == g]
                 raise CNTLoRAError(
                     f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
