@@ -52,7 +52,8 @@ def test_sensitivity_takes_the_lr_each_method_chose_in_the_headline_table(tmp_pa
     rows.append({"kind": "run", "spec": "text-fewshot", "data": {
         "label": "cntlora-cross", "seed": 0, "lr": 1e-3, "steps": 100, "val": {"100": 0.9}, "test": 0.0}})
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    specs = {s.name: s for s in run_all.select(run_all.plan("full", 5, 100, run_all.chosen_lrs([log])), ["sensitivity"])}
+    chosen = run_all.chosen_lrs(run_all.read_logs([log]))
+    specs = {s.name: s for s in run_all.select(run_all.plan("full", 5, 100, chosen), ["sensitivity"])}
     self_spec = specs["text-fewshot-sensitivity+cntlora-self"]
     assert self_spec.lrs == [1e-3] and self_spec.select_seeds is None and self_spec.seeds == [0, 1, 2]
     assert "cntlora-self" in self_spec.methods and "cntlora-self@ridge=0.01" not in self_spec.methods
@@ -69,6 +70,74 @@ def test_dry_run_prints_jobs_and_runs_nothing(capsys):
     out = capsys.readouterr().out
     n = len(run_all.A_ROW_NORM) * 2  # labels on the two few-shot tasks, 5 seeds, 3 lrs on seed 0
     assert f"total: {n * 5} jobs, {n * 7} training runs" in out and "on 15 workers" in out
+
+
+def _write_log(path, runs, steps=None):
+    """A runs.jsonl as run_all writes it: runs = [(spec, label, seed, lr, final val)]; steps: {table: steps} (100)."""
+
+    def steps_of(spec):
+        return (steps or {}).get(spec.partition("+")[0], 100)
+
+    rows = [{"kind": "meta", "spec": spec, "data": {"task": spec, "metric": "accuracy", "higher_is_better": True,
+                                                    "steps": steps_of(spec), "train_size": 100}}
+            for spec in dict.fromkeys(spec for spec, *_ in runs)]
+    rows += [{"kind": "run", "spec": spec, "data": {"label": label, "seed": seed, "lr": lr, "steps": steps_of(spec),
+                                                    "val": {str(steps_of(spec)): val}, "test": 0.0}}
+             for spec, label, seed, lr, val in runs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _grid(spec, label, vals):
+    """Seed 0 of `label` at each lr of LRS with these final val metrics."""
+    return [(spec, label, 0, lr, val) for lr, val in zip(run_all.LRS, vals)]
+
+
+def test_lr_past_the_grid_is_half_a_decade_on_the_1_3_10_series():
+    assert run_all.beyond(3e-3, up=True) == 1e-2 and run_all.beyond(3e-4, up=False) == 1e-4
+    assert run_all.beyond(1e-3, up=True) == 3e-3 and run_all.beyond(1e-2, up=True) == 3e-2
+
+
+def test_edges_and_edges_seeds(tmp_path, capsys):
+    Spec = run_all.Spec
+    runs = (_grid("text", "cntlora-self", (0.5, 0.7, 0.9))  # chose the top: runs at 1e-2
+            + _grid("text", "default", (0.5, 0.9, 0.7))  # interior: nothing
+            # chose the bottom, its 1e-4 run is logged and lost: nothing, in either group
+            + _grid("text", "pissa_niter_4", (0.9, 0.7, 0.5)) + [("text+edges", "pissa_niter_4", 0, 1e-4, 0.8)]
+            # chose the top, its 1e-2 run is logged and won, seed 2 ran there too: edges-seeds runs 1, 3, 4
+            + _grid("text", "olora", (0.5, 0.7, 0.9)) + [("text+edges", "olora", s, 1e-2, 0.95) for s in (0, 2)]
+            + [("text", "gaussian", 0, 3e-3, 0.9)]  # a search cut short fixes no edge
+            + _grid("text-fewshot-sensitivity+cntlora-self", "cntlora-self", (0.5, 0.7, 0.9)))  # not a headline table
+    tables = run_all.read_logs([_write_log(tmp_path / "runs.jsonl", runs)])
+    assert run_all.edge_specs(tables) == [Spec("text+edges", "text", ["cntlora-self"], [0], [1e-2], 100)]
+    assert run_all.edge_seed_specs(tables, 5) == [Spec("text+edges", "text", ["olora"], [1, 3, 4], [1e-2], 100)]
+    assert "text olora chose 0.01, again at the edge" in capsys.readouterr().out
+
+    # the edges run's log: cntlora-self wins at 1e-2, is not extended again and gets seeds 1-4 there
+    edges_log = _write_log(tmp_path / "edges.jsonl", [("text+edges", "cntlora-self", 0, 1e-2, 0.95)])
+    tables = run_all.read_logs([tmp_path / "runs.jsonl", edges_log])
+    assert run_all.edge_specs(tables) == []
+    assert run_all.edge_seed_specs(tables, 5) == [Spec("text+edges", "text", ["cntlora-self"], [1, 2, 3, 4], [1e-2], 100),
+                                                  Spec("text+edges", "text", ["olora"], [1, 3, 4], [1e-2], 100)]
+    assert run_all.main(["--dry-run", "--only", "edges", "edges-seeds", "--lr-from", str(tmp_path / "runs.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "lr 0.01, seeds [0]: cntlora-self" in out and "lr 0.01, seeds [1, 3, 4]: olora" in out
+    assert "total: 4 jobs, 4 training runs" in out
+
+
+def test_lm_fewshot_missing_seeds(tmp_path, capsys):
+    steps = {"lm-fewshot": 50}
+    runs = (_grid("lm-fewshot", "default", (0.5, 0.9, 0.7)) + [("lm-fewshot", "default", s, 1e-3, 0.9) for s in (1, 2)]
+            + _grid("lm-fewshot", "eva", (0.9, 0.7, 0.5))
+            # chose 1e-4, past the grid: edges-seeds runs its seeds
+            + _grid("lm-fewshot", "corda", (0.9, 0.7, 0.5)) + [("lm-fewshot+edges", "corda", 0, 1e-4, 0.95)])
+    tables = run_all.read_logs([_write_log(tmp_path / "runs.jsonl", runs, steps)])
+    assert run_all.missing_lm_specs(tables, 5) == [
+        run_all.Spec("lm-fewshot+missing", "lm-fewshot", ["default"], [3, 4], [1e-3], 50),
+        run_all.Spec("lm-fewshot+missing", "lm-fewshot", ["eva"], [1, 2, 3, 4], [3e-4], 50)]
+    assert "lm-fewshot gaussian has no lr search logged" in capsys.readouterr().out
+    assert run_all.main(["--dry-run", "--only", "lm-fewshot-missing", "--lr-from"]) == 0  # no logs: nothing to run
+    assert "nothing to run" in capsys.readouterr().out
 
 
 def _reassemble(parts, joined):

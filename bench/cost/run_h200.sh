@@ -2,11 +2,11 @@
 # The H200 half of the cost benchmark (issue 4): Llama-3.2-1B and Llama-3-8B shapes with random
 # weights, bf16, 256 sequences x 512 random tokens, all 7 linear kinds, r=16.
 #   bash bench/cost/run_h200.sh 1b|8b      (run from the repository root; results go to $OUT)
-# Fast methods: the median of 3 timed runs after one warm-up. The slow inits (lora_ga, corda, eva)
-# get one timed run each and EVA a 30 s cap, to fit the session's device time. On the 8B shape
-# CNTLoRA's statistics are capped at 16 GiB of GPU memory (3 passes over the data) and offloaded
-# between passes. CorDA (50 s on 1B with its one-sequence batches) and EVA (one capped run took
-# 153 s on 1B: the cap is checked between forward passes) are left out there for device time.
+# Fast methods (LoRA-GA included): the median of 3 timed runs after one warm-up. The slow inits (corda, eva)
+# get one timed run each and EVA a 30 s cap (checked before every module), to fit the session's
+# device time. On the 8B shape CNTLoRA's statistics are capped at 16 GiB of GPU memory (2 passes
+# over the data) and offloaded between passes. CorDA (52 s on 1B with its one-sequence batches)
+# and EVA are left out there for device time.
 set -u
 OUT=${OUT:-bench/results}
 export PYTHONPATH=src PYTHONUNBUFFERED=1

@@ -12,12 +12,26 @@ summary.json, the per-task JSON, the plots and the markdown tables.
   sensitivity  TASK-sensitivity+METHOD on text-fewshot and vision-fewshot, each method at the lr
                it chose in TASK's table of the --lr-from logs (the LRS grid when it has none)
   vision-fewshot, text-fewshot   the few-shot headline tables (an earlier session ran them)
+  lm           SmolLM2 on 800 windows, 100 steps (one epoch), every method
+Follow-up groups, built from the --lr-from logs (only with --only; the dry run lists their labels):
+  edges        every (table, label) of the headline tables whose lr chosen on the whole LRS grid is
+               at its edge: seed 0 at the next lr past that edge (3e-3 -> 1e-2, 3e-4 -> 1e-4),
+               spec TABLE+edges; combinations already logged are skipped. One step: a choice already
+               past the grid is not extended again
+  edges-seeds  every headline (table, label) whose choice (same rule, seed 0's val) now lies past
+               the grid: seeds 1..4 at that lr, spec TABLE+edges; give it the edges run's log too:
+                 run_all.py --out $OUT --only edges --lr-from bench/results/quality-runs.jsonl &&
+                 run_all.py --out $OUT --only edges-seeds --lr-from bench/results/quality-runs.jsonl $OUT/runs.jsonl
+  lm-fewshot-missing   the lm-fewshot (METHODS label, seed 0..4) runs at each label's chosen lr that
+               the logs lack, spec lm-fewshot+missing; labels whose choice lies past the grid are
+               left to edges-seeds (so the two can run together), so run it after edges
 --dry-run prints each spec's jobs (one init, trained at each of its lrs), training runs and a
 rough worker-seconds estimate, and exits.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -49,14 +63,90 @@ LM_INIT_FACTOR = 2
 STARTUP_SECONDS = 60  # spawning the workers and building each task in every worker
 
 
-def chosen_lrs(logs) -> dict:
-    """{(table, label): (lr chosen on val, the lrs it was chosen from)} from earlier run logs."""
+HEADLINE = ("text-fewshot", "vision-fewshot", "text", "vision", "lm-fewshot")
+FOLLOW_UPS = ("edges", "edges-seeds", "lm-fewshot-missing")  # --only groups built from the --lr-from logs
+
+
+def read_logs(logs) -> dict:
+    """{table: results} from those of the run logs (oldest first) that exist (quality.load_runs)."""
+    return load_runs([log for log in logs if Path(log).exists()])
+
+
+def chosen_lrs(tables: dict) -> dict:
+    """{(table, label): (lr chosen on val, the lrs it was chosen from)} from read_logs' tables."""
     out = {}
-    for table, results in load_runs([log for log in logs if Path(log).exists()]).items():
-        for label in {r["label"] for r in results["runs"]}:
+    for table, results in tables.items():
+        for label in dict.fromkeys(r["label"] for r in results["runs"]):
             mine = [r for r in results["runs"] if r["label"] == label]
             out[(table, label)] = (choose_lr(mine, results["higher_is_better"]), {r["lr"] for r in mine})
     return out
+
+
+def logged_runs(tables: dict) -> set:
+    """{(table, label, lr, seed)} of every logged run."""
+    return {(table, r["label"], r["lr"], r["seed"]) for table, results in tables.items() for r in results["runs"]}
+
+
+def beyond(lr: float, up: bool) -> float:
+    """The lr half a decade past `lr` on the 1-3-10 series: beyond(3e-3, True) = 1e-2, beyond(3e-4, False) = 1e-4."""
+    x = lr * 10 ** (0.5 if up else -0.5)
+    exponent = math.floor(math.log10(x))
+    mantissa = min((1, 3, 10), key=lambda m: abs(math.log10(x / 10**exponent / m)))
+    return float(f"{mantissa}e{exponent}")  # the float of the literal, so it equals the 1e-2 a log holds
+
+
+def past_grid(lr: float) -> bool:
+    return not LRS[0] <= lr <= LRS[-1]
+
+
+def grouped_specs(part: str, tables: dict, groups: dict) -> list:
+    """One Spec TABLE+part per {(table, lr, seeds): labels}, at the table's steps. Several may share a
+    name: run_many keys its bookkeeping by name only for select_seeds, which these leave unset."""
+    return [Spec(f"{table}+{part}", table, labels, list(seeds), [lr], tables[table]["steps"])
+            for (table, lr, seeds), labels in groups.items()]
+
+
+def edge_specs(tables: dict) -> list:
+    """Seed 0 at the lr past the edge of LRS, for every headline (table, label) that chose that edge."""
+    logged = logged_runs(tables)
+    groups = {}
+    for (table, label), (lr, searched) in chosen_lrs(tables).items():
+        # a search cut short fixes no edge; a choice already past the grid is edges-seeds' (one step only)
+        if table in HEADLINE and set(LRS) <= searched and lr in (LRS[0], LRS[-1]):
+            new = beyond(lr, up=lr == LRS[-1])
+            if (table, label, new, 0) not in logged:
+                groups.setdefault((table, new, (0,)), []).append(label)
+    return grouped_specs("edges", tables, groups)
+
+
+def edge_seed_specs(tables: dict, seeds: int) -> list:
+    """Seeds 1.. at the chosen lr of every headline (table, label) whose choice moved past LRS."""
+    logged = logged_runs(tables)
+    groups = {}
+    for (table, label), (lr, searched) in chosen_lrs(tables).items():
+        if table not in HEADLINE or not past_grid(lr):
+            continue
+        if lr in (min(searched), max(searched)):
+            print(f"note: {table} {label} chose {lr:g}, again at the edge of {sorted(searched)}; not extended further")
+        missing = tuple(s for s in range(1, seeds) if (table, label, lr, s) not in logged)
+        if missing:
+            groups.setdefault((table, lr, missing), []).append(label)
+    return grouped_specs("edges", tables, groups)
+
+
+def missing_lm_specs(tables: dict, seeds: int) -> list:
+    """The lm-fewshot (METHODS label, seed) runs at each label's chosen lr that the logs lack."""
+    chosen, logged = chosen_lrs(tables), logged_runs(tables)
+    groups = {}
+    for label in METHODS:
+        if ("lm-fewshot", label) not in chosen:
+            print(f"note: lm-fewshot {label} has no lr search logged; run the lm-fewshot group for it")
+            continue
+        lr = chosen[("lm-fewshot", label)][0]
+        missing = tuple(s for s in range(seeds) if ("lm-fewshot", label, lr, s) not in logged)
+        if missing and not past_grid(lr):  # past the grid, edges-seeds runs them
+            groups.setdefault(("lm-fewshot", lr, missing), []).append(label)
+    return grouped_specs("missing", tables, groups)
 
 
 def sensitivity_specs(task: str, steps: int, lrs: list, chosen: dict, **kwargs) -> list:
@@ -93,6 +183,8 @@ def plan(kind: str, seeds: int, steps: int, chosen: dict = None) -> list:
     for t in ("text-fewshot", "vision-fewshot"):
         specs += sensitivity_specs(t, steps, LRS, chosen)
     specs += [Spec(t, t, METHODS + VARIANTS, every, LRS, steps, select_seeds=1) for t in ("vision-fewshot", "text-fewshot")]
+    # the 800-window lm table: the full steps, one epoch of batch 8 (lm-fewshot's 50 steps are 4 epochs)
+    specs.append(Spec("lm", "lm", METHODS, every, LRS, steps, select_seeds=1))
     return specs
 
 
@@ -103,14 +195,16 @@ def group(spec_name: str) -> str:
     return "sensitivity" if "-sensitivity" in spec_name else spec_name
 
 
-def select(specs: list, only) -> list:
-    """The specs named by `only` (groups or spec names), in that order."""
+def select(specs: list, only, follow_ups: dict = None) -> list:
+    """The specs named by `only` (groups or spec names), in that order; follow_ups: {group: specs} built
+    from the logs (FOLLOW_UPS), which may be empty when the logs leave nothing to do."""
+    follow_ups = follow_ups or {}
     out = []
     for name in only:
-        chosen = [s for s in specs if name in (s.name, group(s.name))]
-        if not chosen:
-            raise SystemExit(f"run_all: no spec or group {name!r} in this plan; choose from "
-                             f"{', '.join(dict.fromkeys([group(s.name) for s in specs] + [s.name for s in specs]))}")
+        chosen = follow_ups[name] if name in follow_ups else [s for s in specs if name in (s.name, group(s.name))]
+        if not chosen and name not in follow_ups:
+            names = [group(s.name) for s in specs] + [s.name for s in specs] + list(FOLLOW_UPS)
+            raise SystemExit(f"run_all: no spec or group {name!r} in this plan; choose from {', '.join(dict.fromkeys(names))}")
         out += [s for s in chosen if s not in out]
     return out
 
@@ -130,13 +224,15 @@ def estimate(spec: Spec) -> tuple:
     return jobs, runs, seconds
 
 
-def print_plan(specs: list, workers: int) -> None:
+def print_plan(specs: list, workers: int, detail: bool = False) -> None:
     print(f"{'spec':44} {'labels':>6} {'seeds':>5} {'lrs':>9} {'jobs':>5} {'runs':>5} {'worker-s':>9}")
     total = [0, 0, 0]
     for s in specs:
         jobs, runs, seconds = estimate(s)
         lrs = f"{len(s.lrs)}" + (f" (sel {s.select_seeds})" if s.select_seeds else f" = {s.lrs[0]:g}" if len(s.lrs) == 1 else "")
         print(f"{s.name:44} {len(s.methods):6} {len(s.seeds):5} {lrs:>9} {jobs:5} {runs:5} {seconds:9.0f}")
+        if detail:
+            print(f"    lr {', '.join(f'{lr:g}' for lr in s.lrs)}, seeds {list(s.seeds)}: {', '.join(s.methods)}")
         total = [t + x for t, x in zip(total, (jobs, runs, seconds))]
     print(f"total: {total[0]} jobs, {total[1]} training runs, ~{total[2]:.0f} worker-s: "
           f"~{total[2] / workers + STARTUP_SECONDS:.0f} s on {workers} workers (rough; lm is a guess)")
@@ -151,14 +247,24 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--only", nargs="+", default=None, help="groups or spec names to run, in this order (default: the whole plan)")
     p.add_argument("--lr-from", nargs="*", default=["bench/results/quality-runs.jsonl"],
-                   help="run logs (oldest first) whose chosen lrs fix the sensitivity study's lrs")
+                   help="run logs (oldest first) whose chosen lrs fix the sensitivity study's lrs and the follow-up groups")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and a worker-seconds estimate, run nothing")
     p.add_argument("--device", default=None)
+    p.add_argument("--tables", nargs="+", default=None,
+                   help="keep only the specs of these tables (e.g. leave lm out where SmolLM2 is not on the machine)")
     a = p.parse_args(argv)
-    specs = plan(a.plan, a.seeds, a.steps, chosen_lrs(a.lr_from))
+    tables = read_logs(a.lr_from)
+    specs = plan(a.plan, a.seeds, a.steps, chosen_lrs(tables))
+    builders = {"edges": lambda: edge_specs(tables), "edges-seeds": lambda: edge_seed_specs(tables, a.seeds),
+                "lm-fewshot-missing": lambda: missing_lm_specs(tables, a.seeds)}
     if a.only:
-        specs = select(specs, a.only)
-    print_plan(specs, a.workers)
+        specs = select(specs, a.only, {name: builders[name]() for name in FOLLOW_UPS if name in a.only})
+    if a.tables:
+        specs = [s for s in specs if s.task in a.tables]
+    print_plan(specs, a.workers, detail=bool(set(a.only or ()) & set(FOLLOW_UPS)))
+    if not specs:  # the logs left nothing to do: succeed without a log, so a chained command goes on
+        print("nothing to run")
+        return 0
     if a.dry_run:
         return 0
     if not a.out:
