@@ -228,7 +228,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
 
     spectra: Dict[str, Spectrum] = {}
     ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected), their Ritz step batched by shape below
-    energies: Dict[str, Optional[torch.Tensor]] = {}
+    energies: Dict[str, torch.Tensor] = {}  # ||ΔW||² of the randomized layers that form ΔW
     w0_norms: Dict[str, torch.Tensor] = {}
     device = _solve_device(modules)
     clock = PhaseClock(device)
@@ -268,10 +268,11 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         else:
             products = DenseProducts(system.delta(w0))
         clock.mark("solve")
-        energies[name] = None if implicit else products.matrix.pow(2).sum()
         if randomized:
             ranges[name] = randomized_range(products, k, config.seed, config.svd_niter)
-        else:
+            if not implicit:
+                energies[name] = products.matrix.pow(2).sum()
+        else:  # small layers: an exact decomposition, which reports ||ΔW||² itself
             spectra[name] = top_singular(products.matrix, k, config.seed, above, config.svd_niter)
         w0_norms[name] = torch.linalg.norm(w0)
         clock.mark("decompose")
@@ -279,13 +280,14 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     spectra.update(_ritz_by_shape(ranges, {n: min(config.max_rank, s.out_features, s.in_features)
                                            for n, s in stats.layers.items()}))
     clock.mark("decompose")
-    # one transfer of every layer's spectrum; the factors are built on the CPU (they end there)
-    norms = torch.stack(list(w0_norms.values())).cpu().tolist()
-    w0_norms = dict(zip(w0_norms, norms))
-    for name in stats.layers:
-        sp, energy = spectra[name], energies[name]
-        spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), None if energy is None else float(energy))
-    timings = clock.totals()
+    # the first wait for the device since the loop began: every spectrum moves to the host, where
+    # the factors are built (they end there); norms and energies come back in one transfer each
+    w0_norms = dict(zip(w0_norms, torch.stack(list(w0_norms.values())).cpu().tolist()))
+    if energies:
+        energies = dict(zip(energies, torch.stack(list(energies.values())).cpu().tolist()))
+    for name, sp in spectra.items():
+        spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), energies.get(name, sp.energy))
+    timings = {"solve": 0.0, "decompose": 0.0, **clock.totals()}
     t0 = time.perf_counter()
 
     budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in stats.layers.values())
@@ -309,6 +311,5 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             a = torch.zeros(0, spec.in_features, dtype=torch.float64)
             cap = 1.0
         layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.s, sp.energy, w0_norms[name], cap)
-    timings["decompose"] = timings.get("decompose", 0.0) + time.perf_counter() - t0
-    timings.setdefault("solve", 0.0)
+    timings["decompose"] += time.perf_counter() - t0
     return Plan(config, layers, source, budget, timings)
