@@ -241,8 +241,16 @@ def _formed_delta(model, stats, name, config):
     return solve_delta(w0, fine, pretrain, mode_constraints(config), config.ridge)
 
 
+@pytest.fixture
+def implicit_on_cpu(monkeypatch):
+    """Every randomized CPU layer takes the implicit path, however small."""
+    import cntlora.plan
+
+    monkeypatch.setattr(cntlora.plan, "IMPLICIT_ABOVE_ON_CPU", 0)
+
+
 @pytest.mark.parametrize("mode", ["self", "cross"])
-def test_implicit_plan_captures_what_the_exact_one_does(mode):
+def test_implicit_plan_captures_what_the_exact_one_does(mode, implicit_on_cpu):
     # A random model's ΔW has a flat spectrum, where the leading directions are nearly
     # interchangeable; what must match is the energy the kept subspace captures.
     model, stats = _llama_stats()
@@ -263,7 +271,7 @@ def test_implicit_plan_captures_what_the_exact_one_does(mode):
     assert all(torch.equal(again.layers[n].A, implicit.layers[n].A) for n in implicit.layers)
 
 
-def test_implicit_plan_is_near_the_best_rank_r_update_with_base_keep():
+def test_implicit_plan_is_near_the_best_rank_r_update_with_base_keep(implicit_on_cpu):
     model, stats = _llama_stats(seed=1)
     cfg = dict(mode="self", r=3, base="keep", strength=None)
     exact = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(**cfg, randomized_svd_above=10_000))
@@ -274,7 +282,7 @@ def test_implicit_plan_is_near_the_best_rank_r_update_with_base_keep():
         assert residual(implicit.layers[name]) < residual(lp) + 1e-3 * float(delta.pow(2).sum())
 
 
-def test_vas_with_the_energy_score_forms_delta_and_the_weight_score_does_not():
+def test_vas_with_the_energy_score_forms_delta_and_the_weight_score_does_not(implicit_on_cpu):
     model, stats = _llama_stats()
     by_energy = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, vas=True, randomized_svd_above=0))
     assert all(lp.delta_energy is not None for lp in by_energy.layers.values())
@@ -363,3 +371,17 @@ def test_phase_clock_adds_up_the_spans_of_each_phase():
     assert set(totals) == {"solve", "decompose"}
     assert all(t >= 0 for t in totals.values())
     assert len([p for p, _, _ in clock.spans if p == "solve"]) == 2
+
+
+def test_cpu_layers_above_the_threshold_use_the_randomized_svd_on_a_formed_delta(monkeypatch):
+    import cntlora.plan
+
+    calls = []
+    real = cntlora.plan.randomized_range
+    monkeypatch.setattr(cntlora.plan, "randomized_range", lambda op, *a, **k: calls.append(op) or real(op, *a, **k))
+    model, stats = _llama_stats()
+    plan = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, randomized_svd_above=0))
+    assert len(calls) == len(stats.layers)
+    assert all(isinstance(op, DenseProducts) for op in calls)  # small CPU layers form ΔW: ||ΔW||² stays known
+    assert all(lp.delta_energy is not None and lp.delta_energy > 0 for lp in plan.layers.values())
+    assert cntlora.CNTLoRAConfig().randomized_svd_above is None and cntlora.plan.RANDOMIZED_SVD_ABOVE == 256

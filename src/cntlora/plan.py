@@ -130,6 +130,14 @@ def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: 
     return _solve_local(model, stats, config, progress)
 
 
+# Layers with min(m, n) above this get a randomized SVD, on every device, so the CPU and the GPU
+# run the same algorithm: the exact path (an eigendecomposition per layer) took 2.5 s of a 1B
+# model's init on an H200 and 8 s of SmolLM2's on 2 CPU cores (docs/benchmarks.md).
+RANDOMIZED_SVD_ABOVE = 256
+# CPU layers above this never form ΔW (it also drops ||ΔW||² from the plan's summary)
+IMPLICIT_ABOVE_ON_CPU = 2048
+
+
 def _solve_device(modules: Dict[str, nn.Module]) -> torch.device:
     """Solve where the weights live: the GPU when the model is on one."""
     return base_layer(next(iter(modules.values()))).weight.device if modules else torch.device("cpu")
@@ -232,11 +240,9 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     w0_norms: Dict[str, torch.Tensor] = {}
     device = _solve_device(modules)
     clock = PhaseClock(device)
-    above = config.randomized_svd_above
-    if above is None:
-        above = 256 if device.type == "cuda" else 2048
-    # On the CPU, large layers never form ΔW: the randomized SVD needs only products with it,
-    # which cost a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²). On GPUs the
+    above = RANDOMIZED_SVD_ABOVE if config.randomized_svd_above is None else config.randomized_svd_above
+    # On the CPU, the largest layers never form ΔW: the randomized SVD needs only products with
+    # it, which cost a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²). On GPUs the
     # triangular solves with k right-hand sides are latency-bound (1.9 s for a 1B model on an
     # H200, against 0.3 s for forming every ΔW; docs/benchmarks.md), so ΔW is formed there.
     # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
@@ -250,7 +256,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         w0 = weight_matrix(modules[name], spec).detach().to(device, torch.float64)
         k = min(config.max_rank, spec.out_features, spec.in_features)
         randomized = min(spec.out_features, spec.in_features) > above
-        implicit = implicit_allowed and randomized
+        implicit = implicit_allowed and randomized and min(spec.out_features, spec.in_features) > IMPLICIT_ABOVE_ON_CPU
         if source != "weights":  # the system depends on the shared input only
             if group not in group_cache:
                 group_cache.clear()

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..config import CNTLoRAConfig, CNTLoRAError
-from ..plan import synchronize
+from ..plan import RANDOMIZED_SVD_ABOVE, synchronize
 from ..statistics import atomic_write, default_forward, to_device
 
 LINEAR_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -411,7 +411,7 @@ def svd_ablation(model, batches, device, args, lora_kwargs) -> dict:
     stats = collect_statistics(model, batches, lora_kwargs["target_modules"], max_stats_memory=args.max_stats_memory,
                                offload=args.offload, progress=False, stats_dtype=_dtype(args.stats_dtype))
     out = {}
-    for above in sorted({2048, args.randomized_svd_above or (256 if device.type == "cuda" else 2048)}):
+    for above in sorted({2048, args.randomized_svd_above or RANDOMIZED_SVD_ABOVE}):
         config = CNTLoRAConfig(r=args.r, alpha=float(args.r), seed=args.seed, randomized_svd_above=above)
         t0 = time.perf_counter()
         plan = solve(model, stats, config)
