@@ -194,3 +194,14 @@ def test_lm_task_reads_the_exported_smollm2(tmp_path, monkeypatch):
     with torch.no_grad():
         la, lb = (m(input_ids=batch["input_ids"]).logits for m in (a, b))
     assert (la - lb).abs().max() < 0.02 * la.abs().max()  # fp16 rounding of the weights only
+
+
+def test_tables_keeps_only_the_named_tables(tmp_path, capsys):
+    runs = _grid("text", "cntlora-self", (0.5, 0.7, 0.9)) + _grid("vision", "default", (0.9, 0.7, 0.5))
+    log = str(_write_log(tmp_path / "runs.jsonl", runs))
+    assert run_all.main(["--dry-run", "--only", "edges", "--lr-from", log]) == 0
+    both = capsys.readouterr().out
+    assert "text+edges" in both and "vision+edges" in both
+    assert run_all.main(["--dry-run", "--only", "edges", "--tables", "vision", "--lr-from", log]) == 0
+    only = capsys.readouterr().out
+    assert "vision+edges" in only and "text+edges" not in only and "total: 1 jobs" in only
