@@ -199,17 +199,17 @@ def _share_transfer(stats: Statistics, group: str) -> bool:
     return sum(s.out_features for s in members) >= n
 
 
-def _ritz_by_shape(ranges: Dict[str, tuple], ranks: Dict[str, int]) -> Dict[str, Spectrum]:
-    """The Ritz step of every randomized layer, one batched call per (basis, projected) shape."""
+def _ritz_by_shape(ranges: Dict[str, tuple]) -> Dict[str, Spectrum]:
+    """The Ritz step of every randomized layer ((basis, projected, k) each), one batched call per shape."""
     by_shape: Dict[tuple, List[str]] = {}
-    for name, (basis, projected) in ranges.items():
+    for name, (basis, projected, _) in ranges.items():
         by_shape.setdefault((tuple(basis.shape), tuple(projected.shape)), []).append(name)
     out = {}
     for names in by_shape.values():
         u, s, v = ritz_triplets(torch.stack([ranges[n][0] for n in names]), torch.stack([ranges[n][1] for n in names]),
-                                max(ranks[n] for n in names))
+                                max(ranges[n][2] for n in names))
         for i, name in enumerate(names):
-            k = ranks[name]
+            k = ranges[name][2]
             out[name] = Spectrum(u[i, :, :k], s[i, :k], v[i, :, :k], None)
     return out
 
@@ -235,7 +235,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             )
 
     spectra: Dict[str, Spectrum] = {}
-    ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected), their Ritz step batched by shape below
+    ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected, k), their Ritz step batched by shape below
     energies: Dict[str, torch.Tensor] = {}  # ||ΔW||² of the randomized layers that form ΔW
     w0_norms: Dict[str, torch.Tensor] = {}
     device = _solve_device(modules)
@@ -254,9 +254,10 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         spec = stats.layers[name]
         group = stats.groups[name]
         w0 = weight_matrix(modules[name], spec).detach().to(device, torch.float64)
-        k = min(config.max_rank, spec.out_features, spec.in_features)
-        randomized = min(spec.out_features, spec.in_features) > above
-        implicit = implicit_allowed and randomized and min(spec.out_features, spec.in_features) > IMPLICIT_ABOVE_ON_CPU
+        width = min(spec.out_features, spec.in_features)
+        k = min(config.max_rank, width)
+        randomized = width > above
+        implicit = implicit_allowed and width > max(above, IMPLICIT_ABOVE_ON_CPU)
         if source != "weights":  # the system depends on the shared input only
             if group not in group_cache:
                 group_cache.clear()
@@ -275,7 +276,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             products = DenseProducts(system.delta(w0))
         clock.mark("solve")
         if randomized:
-            ranges[name] = randomized_range(products, k, config.seed, config.svd_niter)
+            ranges[name] = (*randomized_range(products, k, config.seed, config.svd_niter), k)
             if not implicit:
                 energies[name] = products.matrix.pow(2).sum()
         else:  # small layers: an exact decomposition, which reports ||ΔW||² itself
@@ -283,8 +284,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         w0_norms[name] = torch.linalg.norm(w0)
         clock.mark("decompose")
     group_cache.clear()
-    spectra.update(_ritz_by_shape(ranges, {n: min(config.max_rank, s.out_features, s.in_features)
-                                           for n, s in stats.layers.items()}))
+    spectra.update(_ritz_by_shape(ranges))
     clock.mark("decompose")
     # the first wait for the device since the loop began: every spectrum moves to the host, where
     # the factors are built (they end there); norms and energies come back in one transfer each

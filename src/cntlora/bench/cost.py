@@ -402,9 +402,8 @@ def finish_partial(path: str) -> dict:
 
 
 def svd_ablation(model, batches, device, args, lora_kwargs) -> dict:
-    """solve() time on one set of statistics: the CPU's SVD threshold (2048: exact SVD up to there)
-    against --randomized-svd-above or the device's default (above it, a randomized SVD; on the CPU
-    without forming ΔW)."""
+    """solve() time on one set of statistics: the exact SVD up to 2048 against --randomized-svd-above
+    or the default (256; above it a randomized SVD, which on the CPU above 2048 never forms ΔW)."""
     from ..plan import solve
     from ..statistics import collect_statistics
 
