@@ -125,19 +125,35 @@ def test_edges_and_edges_seeds(tmp_path, capsys):
     assert "total: 4 jobs, 4 training runs" in out
 
 
-def test_lm_fewshot_missing_seeds(tmp_path, capsys):
+def test_missing_seeds(tmp_path, capsys):
     steps = {"lm-fewshot": 50}
     runs = (_grid("lm-fewshot", "default", (0.5, 0.9, 0.7)) + [("lm-fewshot", "default", s, 1e-3, 0.9) for s in (1, 2)]
-            + _grid("lm-fewshot", "eva", (0.9, 0.7, 0.5))
+            # chose 3e-4, the edge, and its 1e-4 run lost: seeds 1-4 at 3e-4
+            + _grid("lm-fewshot", "eva", (0.9, 0.7, 0.5)) + [("lm-fewshot+edges", "eva", 0, 1e-4, 0.8)]
+            + _grid("lm-fewshot", "olora", (0.9, 0.7, 0.5))  # at the edge, not checked yet: waits for edges
             # chose 1e-4, past the grid: edges-seeds runs its seeds
-            + _grid("lm-fewshot", "corda", (0.9, 0.7, 0.5)) + [("lm-fewshot+edges", "corda", 0, 1e-4, 0.95)])
+            + _grid("lm-fewshot", "corda", (0.9, 0.7, 0.5)) + [("lm-fewshot+edges", "corda", 0, 1e-4, 0.95)]
+            + _grid("lm", "default", (0.5, 0.9, 0.7)))  # another table: not this group's
     tables = run_all.read_logs([_write_log(tmp_path / "runs.jsonl", runs, steps)])
-    assert run_all.missing_lm_specs(tables, 5) == [
+    assert run_all.missing_specs("lm-fewshot", tables, 5) == [
         run_all.Spec("lm-fewshot+missing", "lm-fewshot", ["default"], [3, 4], [1e-3], 50),
         run_all.Spec("lm-fewshot+missing", "lm-fewshot", ["eva"], [1, 2, 3, 4], [3e-4], 50)]
-    assert "lm-fewshot gaussian has no lr search logged" in capsys.readouterr().out
-    assert run_all.main(["--dry-run", "--only", "lm-fewshot-missing", "--lr-from"]) == 0  # no logs: nothing to run
-    assert "nothing to run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lm-fewshot gaussian has no lr search logged" in out
+    assert "lm-fewshot olora chose 0.0003, the edge of the grid; run the edges group first" in out
+    assert run_all.missing_specs("lm", tables, 5) == [run_all.Spec("lm+missing", "lm", ["default"], [1, 2, 3, 4], [1e-3], 100)]
+    for group in ("lm-fewshot-missing", "lm-missing"):  # no logs: nothing to run
+        assert run_all.main(["--dry-run", "--only", group, "--lr-from"]) == 0
+        assert "nothing to run" in capsys.readouterr().out
+
+
+def test_variants_group_searches_the_lr_on_seed_0():
+    specs = run_all.select(run_all.plan("full", 5, 100), ["variants"])
+    assert {s.task: s.methods for s in specs} == run_all.VARIANTS_GPU
+    assert all(s.lrs == run_all.LRS and s.select_seeds == 1 and list(s.seeds) == [0, 1, 2, 3, 4] for s in specs)
+    for s in specs:  # every label parses, so no worker fails on it
+        for label in s.methods:
+            run_all.parse_label(label)
 
 
 def _reassemble(parts, joined):
