@@ -59,6 +59,15 @@ def test_benchmark_writes_results_and_summary(tmp_path):
     assert plot_path.stat().st_size > 0
 
 
+def test_capped_run_streams_or_offloads_the_same_statistics(tmp_path):
+    args = _args(tmp_path, methods=["cntlora-self", "cntlora-self-offload"], max_stats_memory=300_000)
+    assert cost.run(args) == 0
+    methods = json.loads((tmp_path / "cost-tiny-cpu.json").read_text())["methods"]
+    streamed, offloaded = (methods[m]["runs"][0] for m in ("cntlora-self", "cntlora-self-offload"))
+    assert streamed["stats_info"]["fine"]["passes"] == offloaded["stats_info"]["fine"]["passes"] > 1
+    assert streamed["stats_bytes"] == offloaded["stats_bytes"] > 300_000  # more than one pass's worth
+
+
 def test_capped_eva_is_labelled_in_the_summary(tmp_path):
     args = _args(tmp_path, methods=["floor", "eva"], eva_cap_seconds=0.0)
     cost.run(args)

@@ -147,6 +147,63 @@ def test_memory_cap_splits_into_passes_with_same_result():
         assert torch.equal(one.fine[g].outer, split.fine[g].outer)
 
 
+def _capped_llama():
+    """tiny_llama, its batches, three targets and a cap that fits one 48-wide input at a time."""
+    return tiny_llama(), token_batches(), ["q_proj", "o_proj", "down_proj"], 8 * (48 * 48 + 49)
+
+
+@pytest.mark.parametrize("cfg", [CNTLoRAConfig(r=4), CNTLoRAConfig(mode="cross", r=4, vas=True)])
+def test_streamed_solve_of_capped_passes_gives_the_one_pass_adapter(cfg):
+    model, batches, targets, cap = _capped_llama()
+    one = cntlora.solve(model, cntlora.collect_statistics(model, batches, targets, progress=False), cfg)
+    parts = list(cntlora.iter_statistics(model, batches, targets, max_stats_memory=cap, progress=False))
+    assert len(parts) > 1 and sorted(n for p in parts for n in p.layers) == sorted(one.layers)
+    streamed = cntlora.solve_parts(model, iter(parts), cfg)
+    assert list(streamed.layers) == list(one.layers) and streamed.rank_pattern == one.rank_pattern
+    for name, lp in one.layers.items():
+        assert torch.equal(lp.B, streamed.layers[name].B) and torch.equal(lp.A, streamed.layers[name].A)
+    assert streamed.stats_info["bytes"] == sum(p.nbytes() for p in parts)
+    # initialize streams the same way and ends with the same weights
+    peft_model = cntlora.initialize(copy.deepcopy(model), batches, cfg, target_modules=targets,
+                                    max_stats_memory=cap, progress=False)
+    state = peft_model.state_dict()
+    for name, lp in one.layers.items():
+        key = next(k for k in state if k.endswith(f"{name}.lora_A.default.weight"))
+        assert torch.equal(state[key], lp.A)
+
+
+def test_streamed_solve_holds_one_pass_of_statistics_at_a_time():
+    """With release=True each part's sums die before the next pass starts collecting."""
+    import weakref
+
+    model, batches, targets, cap = _capped_llama()
+    alive = []  # weak references to the sums of the parts handed out so far
+
+    def watched(parts):
+        for part in parts:
+            assert all(ref() is None for ref in alive), "an earlier pass's sums are still alive"
+            alive.extend(weakref.ref(t) for s in part.fine.values() for t in s.tensors())
+            yield part
+            del part
+
+    parts = watched(cntlora.iter_statistics(model, batches, targets, max_stats_memory=cap, progress=False))
+    plan = cntlora.solve_parts(model, parts, CNTLoRAConfig(r=4), release=True)
+    assert len(alive) > 3 * 3 and all(ref() is None for ref in alive) and len(plan.layers) == 3 * 2
+
+
+def test_collected_parts_merge_offloaded_and_in_the_model_order():
+    model, batches, targets, cap = _capped_llama()
+    one = cntlora.collect_statistics(model, batches, targets, progress=False)
+    split = cntlora.collect_statistics(model, batches, targets, max_stats_memory=cap, offload=True, progress=False)
+    assert list(split.layers) == list(one.layers) and split.weight_digest == one.weight_digest
+    assert split.fingerprint == one.fingerprint and all(t.device.type == "cpu" for s in split.fine.values() for t in s.tensors())
+    parts = list(cntlora.iter_statistics(model, batches, targets, max_stats_memory=cap, progress=False))
+    with pytest.raises(CNTLoRAError, match="already hold"):
+        parts[0].merge(parts[0])
+    with pytest.raises(CNTLoRAError, match="no statistics were given"):
+        cntlora.solve_parts(model, [], CNTLoRAConfig(r=4))
+
+
 def test_token_and_batch_caps():
     model = tiny_bert()
     batches = token_batches(n_batches=5, batch=2, seq=10)

@@ -5,8 +5,9 @@
 # Fast methods (LoRA-GA included): the median of 3 timed runs after one warm-up. The slow inits (corda, eva)
 # get one timed run each and EVA a 30 s cap (checked before every module), to fit the session's
 # device time. On the 8B shape CNTLoRA's statistics are capped at 16 GiB of GPU memory (2 passes
-# over the data) and offloaded between passes. CorDA (52 s on 1B with its one-sequence batches)
-# and EVA are left out there for device time.
+# over the data); each pass's layers are solved as soon as the pass ends, so nothing goes to the
+# host (until the fourth session the passes were offloaded to host memory and solved afterwards).
+# CorDA (52 s on 1B with its one-sequence batches) and EVA are left out there for device time.
 set -u
 OUT=${OUT:-bench/results}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -18,7 +19,7 @@ case "${1:-1b}" in
   1b) timeout ${T:-280} $PY -m cntlora.bench.cost --model llama-1b $COMMON --ablate-svd \
         --profile "$OUT/cost-profile-llama-1b-h200.txt" --out "$OUT/cost-llama-1b-h200.json" 2>&1 \
         | grep -v -i "warn" | tee "$OUT/cost-h200-1b-log.txt" ;;
-  8b) timeout ${T:-560} $PY -m cntlora.bench.cost --model llama-8b $COMMON --max-stats-memory 16GiB --offload \
+  8b) timeout ${T:-560} $PY -m cntlora.bench.cost --model llama-8b $COMMON --max-stats-memory 16GiB \
         --methods floor cntlora-self default pissa_niter_4 olora lora_ga \
         --out "$OUT/cost-llama-8b-h200.json" 2>&1 | grep -v -i "warn" | tee "$OUT/cost-h200-8b-log.txt" ;;
 esac

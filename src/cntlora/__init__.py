@@ -7,9 +7,9 @@ collect (hooks -> statistics) -> solve (statistics + W0 -> ΔW) -> decompose (B,
 from .apply import apply, initialize, lora_config_for
 from .config import CNTLoRAConfig, CNTLoRAError
 from .export import export_plain_lora, load_adapter, save_adapter
-from .plan import LayerPlan, Plan, solve
+from .plan import LayerPlan, Plan, solve, solve_parts
 from .solver import Constraint, Moments, align_moments, reproduce_frozen, solve_delta, vanish
-from .statistics import Statistics, collect_statistics
+from .statistics import Statistics, collect_statistics, iter_statistics
 
 __version__ = "0.1.0"
 
@@ -28,9 +28,11 @@ __all__ = [
     "load_adapter",
     "save_adapter",
     "initialize",
+    "iter_statistics",
     "lora_config_for",
     "reproduce_frozen",
     "solve",
     "solve_delta",
+    "solve_parts",
     "vanish",
 ]

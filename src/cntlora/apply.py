@@ -9,15 +9,15 @@ from __future__ import annotations
 import copy
 import re
 import time
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .config import CNTLoRAConfig, CNTLoRAError
 from .layers import base_layer, delta_to_weight, weight_matrix
-from .plan import Plan, solve
-from .statistics import collect_statistics
+from .plan import Plan, solve, solve_parts
+from .statistics import collect_statistics, iter_statistics
 
 # What CNTLoRA decides; everything else in a user's LoraConfig is honoured as given.
 _DECIDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")
@@ -119,7 +119,11 @@ def initialize(
 ):
     """collect_statistics -> solve -> apply in one call; returns a peft.PeftModel.
 
-    The collection arguments are those of `collect_statistics`."""
+    The collection arguments are those of `collect_statistics`. With max_stats_memory, each
+    pass's layers are solved as soon as the pass ends and its statistics are then dropped, so
+    the device holds one pass's statistics (plus one layer's solve) at a time, and nothing goes
+    to host memory. offload=True instead collects every pass to host memory first and solves
+    afterwards, one input at a time: the lowest device memory, paid for in transfers."""
     config = config or CNTLoRAConfig()
     if target_modules is None and lora_config is not None and lora_config.target_modules:
         target_modules = (
@@ -127,23 +131,35 @@ def initialize(
         )
     if target_modules is None:
         raise CNTLoRAError("pass target_modules=[...] (or a lora_config with target_modules)")
-    t0 = time.perf_counter()
-    stats = collect_statistics(
-        model,
-        dataloader,
-        target_modules,
-        reference_dataloader=reference_dataloader,
-        max_batches=max_batches,
-        max_tokens=max_tokens,
-        forward_fn=forward_fn,
-        mask_fn=mask_fn,
-        max_stats_memory=max_stats_memory,
-        offload=offload,
-        stats_dtype=stats_dtype,
-        stop_early=stop_early,
-        progress=progress,
-    )
-    collect_seconds = time.perf_counter() - t0
-    plan = solve(model, stats, config, progress=progress)
+    collection = dict(reference_dataloader=reference_dataloader, max_batches=max_batches, max_tokens=max_tokens,
+                      forward_fn=forward_fn, mask_fn=mask_fn, max_stats_memory=max_stats_memory,
+                      stats_dtype=stats_dtype, stop_early=stop_early, progress=progress)
+    if offload:
+        t0 = time.perf_counter()
+        stats = collect_statistics(model, dataloader, target_modules, offload=True, **collection)
+        collect_seconds = time.perf_counter() - t0
+        plan = solve(model, stats, config, progress=progress)
+        del stats
+    else:
+        collect_seconds = [0.0]
+        parts = _timed(iter_statistics(model, dataloader, target_modules, **collection), collect_seconds)
+        plan = solve_parts(model, parts, config, progress=progress, release=True)
+        collect_seconds = collect_seconds[0]
     plan.timings["collect"] = collect_seconds
     return apply(model, plan, lora_config=lora_config, adapter_name=adapter_name)
+
+
+def _timed(parts: Iterator, seconds: list) -> Iterator:
+    """Pass `parts` through, adding the wall time spent producing them to seconds[0] (each part
+    ends with a device sync, so the time is the collection's own)."""
+    parts = iter(parts)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            part = next(parts)
+        except StopIteration:
+            return
+        finally:
+            seconds[0] += time.perf_counter() - t0
+        yield part
+        del part  # the consumer releases the part; no reference stays here

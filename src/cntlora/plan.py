@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -58,6 +58,7 @@ class Plan:
     pretrain_source: Optional[str]
     budget: int
     timings: Dict[str, float] = field(default_factory=dict)
+    stats_info: dict = field(default_factory=dict)  # how the statistics were collected, and their bytes
 
     @property
     def scale(self) -> float:
@@ -122,12 +123,30 @@ def _distributed() -> bool:
 def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool = False) -> Plan:
     """Per-layer LoRA factors from statistics. Under torch.distributed, rank 0 solves and
     broadcasts, so every rank holds identical adapters."""
-    if _distributed():
+    return solve_parts(model, [stats], config, progress)
+
+
+def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRAConfig, progress: bool = False,
+                release: bool = False) -> Plan:
+    """solve() over statistics that arrive in parts (statistics.iter_statistics' passes): each
+    part's layers are solved and decomposed when it arrives, and only their spectra are kept,
+    so the statistics of one pass at a time are in memory. The plan is the one solve() gives
+    for the parts merged. release=True drops each input's sums from its part as soon as that
+    input's layers are solved (for parts nobody else reads; it empties them)."""
+    distributed = _distributed()
+    solver = None
+    if not distributed:
+        solver = _Solver(model, config, progress)
+    else:
         import torch.distributed as dist
 
-        plan = _solve_local(model, stats, config, progress) if dist.get_rank() == 0 else None
-        return _broadcast(plan)
-    return _solve_local(model, stats, config, progress)
+        solver = _Solver(model, config, progress) if dist.get_rank() == 0 else None
+    for part in parts:  # every rank iterates: the collection all-reduces each pass
+        if solver is not None:
+            solver.add(part, release)
+        del part
+    plan = solver.plan() if solver is not None else None
+    return _broadcast(plan) if distributed else plan
 
 
 # Layers with min(m, n) above this get a randomized SVD, on every device, so the CPU and the GPU
@@ -214,26 +233,100 @@ def _ritz_by_shape(ranges: Dict[str, tuple]) -> Dict[str, Spectrum]:
     return out
 
 
-def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool) -> Plan:
-    modules = stats.check_model(model)
-    constraints = mode_constraints(config)
-    source = None
-    if needs_pretrain(constraints):
-        source = config.pretrain_source or ("reference" if stats.reference is not None else "weights")
+class _Solver:
+    """The per-layer solve and decomposition of the parts seen so far, then the plan."""
+
+    def __init__(self, model: nn.Module, config: CNTLoRAConfig, progress: bool):
+        self.model, self.config, self.progress = model, config, progress
+        self.constraints = mode_constraints(config)
+        self.source: Optional[str] = None
+        self.source_known = False
+        self.specs: Dict[str, LayerSpec] = {}
+        self.spectra: Dict[str, Spectrum] = {}
+        self.w0_norms: Dict[str, float] = {}
+        self.timings = {"solve": 0.0, "decompose": 0.0}
+        self.stats_info: dict = {"bytes": 0}
+
+    def _pretrain_source(self, stats: Statistics) -> Optional[str]:
+        if not needs_pretrain(self.constraints):
+            return None
+        source = self.config.pretrain_source or ("reference" if stats.reference is not None else "weights")
         if source == "reference" and stats.reference is None:
             raise CNTLoRAError(
                 "pretrain_source='reference' but the statistics have no reference set; collect them with "
                 "reference_dataloader=, or use pretrain_source='weights'"
             )
-    if not config.vas:
-        small = [(n, s) for n, s in stats.layers.items() if config.r > min(s.out_features, s.in_features)]
-        if small:
-            n, s = small[0]
-            raise CNTLoRAError(
-                f"r={config.r} is larger than min(m, n)={min(s.out_features, s.in_features)} of layer {n!r} "
-                f"({s.out_features}×{s.in_features}); lower r or leave that layer out"
-            )
+        return source
 
+    def add(self, stats: Statistics, release: bool = False) -> None:
+        config = self.config
+        modules = stats.check_model(self.model)
+        source = self._pretrain_source(stats)
+        if self.source_known and source != self.source:
+            raise CNTLoRAError("the parts disagree on the pre-training source (some have a reference set, some not)")
+        self.source, self.source_known = source, True
+        if not config.vas:
+            small = [(n, s) for n, s in stats.layers.items() if config.r > min(s.out_features, s.in_features)]
+            if small:
+                n, s = small[0]
+                raise CNTLoRAError(
+                    f"r={config.r} is larger than min(m, n)={min(s.out_features, s.in_features)} of layer {n!r} "
+                    f"({s.out_features}×{s.in_features}); lower r or leave that layer out"
+                )
+        self.stats_info = {**stats.info, "bytes": self.stats_info["bytes"] + stats.nbytes()}
+        spectra, w0_norms, timings = _layer_spectra(modules, stats, config, source, self.constraints, self.progress,
+                                                    release)
+        self.specs.update(stats.layers)
+        self.spectra.update(spectra)
+        self.w0_norms.update(w0_norms)
+        for phase, seconds in timings.items():
+            self.timings[phase] += seconds
+
+    def plan(self) -> Plan:
+        if not self.specs:
+            raise CNTLoRAError("no statistics were given to solve from")
+        config = self.config
+        t0 = time.perf_counter()
+        order = _model_order(self.model)
+        specs = dict(sorted(self.specs.items(), key=lambda kv: order.get(kv[0], len(order))))
+        spectra, w0_norms = self.spectra, self.w0_norms
+        budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in specs.values())
+        if config.vas:
+            scores = {n: component_scores(spectra[n], w0_norms[n], config.vas_score) for n in specs}
+            costs = {n: s.out_features + s.in_features for n, s in specs.items()}
+            ranks = allocate_ranks(scores, costs, budget, config.r_min, config.max_rank)
+        else:
+            ranks = {n: config.r for n in specs}
+
+        layers = {}
+        for i, (name, spec) in enumerate(specs.items()):
+            sp = spectra[name]
+            if ranks[name] > 0:
+                b, a, cap = lora_factors(
+                    sp, ranks[name], config.scale, config.base, w0_norms[name], config.strength, seed=config.seed + i,
+                    a_row_norm=config.a_row_norm if config.a_row_norm is not None else DEFAULT_A_ROW_NORM,
+                )
+            else:
+                b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
+                a = torch.zeros(0, spec.in_features, dtype=torch.float64)
+                cap = 1.0
+            layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.s, sp.energy, w0_norms[name], cap)
+        timings = dict(self.timings)
+        timings["decompose"] += time.perf_counter() - t0
+        return Plan(config, layers, self.source, budget, timings, self.stats_info)
+
+
+def _model_order(model: nn.Module) -> Dict[str, int]:
+    """Each module's position in the model (names with and without PEFT's wrapper prefix)."""
+    order = {}
+    for i, (name, _) in enumerate(model.named_modules()):
+        order.setdefault(name.removeprefix("base_model.model."), i)
+    return order
+
+
+def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNTLoRAConfig, source: Optional[str],
+                   constraints, progress: bool, release: bool):
+    """({layer: Spectrum on the CPU}, {layer: ||W0||}, {phase: seconds}) of the layers of `stats`."""
     spectra: Dict[str, Spectrum] = {}
     ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected, k), their Ritz step batched by shape below
     energies: Dict[str, torch.Tensor] = {}  # ||ΔW||² of the randomized layers that form ΔW
@@ -248,6 +341,8 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
     # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
     implicit_allowed = device.type == "cpu" and not (config.vas and config.vas_score == "energy")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
+    # the last layer of each input: after it, release=True drops that input's sums
+    last_of_group = {stats.groups[n]: n for n in stats.layers}
     # Nothing in this loop reads a GPU value back (only a group's first system does), so the
     # device never idles while Python prepares the next layer.
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
@@ -274,6 +369,9 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
             products = DenseProducts(w0 @ cached["transfer"])
         else:
             products = DenseProducts(system.delta(w0))
+        if release and last_of_group[group] == name:
+            for sets in (stats.fine, stats.reference or {}):
+                sets.pop(group, None)
         clock.mark("solve")
         if randomized:
             ranges[name] = (*randomized_range(products, k, config.seed, config.svd_niter), k)
@@ -282,6 +380,7 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         else:  # small layers: an exact decomposition, which reports ||ΔW||² itself
             spectra[name] = top_singular(products.matrix, k, config.seed, above, config.svd_niter)
         w0_norms[name] = torch.linalg.norm(w0)
+        del products, system
         clock.mark("decompose")
     group_cache.clear()
     spectra.update(_ritz_by_shape(ranges))
@@ -293,29 +392,4 @@ def _solve_local(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, pro
         energies = dict(zip(energies, torch.stack(list(energies.values())).cpu().tolist()))
     for name, sp in spectra.items():
         spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), energies.get(name, sp.energy))
-    timings = {"solve": 0.0, "decompose": 0.0, **clock.totals()}
-    t0 = time.perf_counter()
-
-    budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in stats.layers.values())
-    if config.vas:
-        scores = {n: component_scores(spectra[n], w0_norms[n], config.vas_score) for n in stats.layers}
-        costs = {n: s.out_features + s.in_features for n, s in stats.layers.items()}
-        ranks = allocate_ranks(scores, costs, budget, config.r_min, config.max_rank)
-    else:
-        ranks = {n: config.r for n in stats.layers}
-
-    layers = {}
-    for i, (name, spec) in enumerate(stats.layers.items()):
-        sp = spectra[name]
-        if ranks[name] > 0:
-            b, a, cap = lora_factors(
-                sp, ranks[name], config.scale, config.base, w0_norms[name], config.strength, seed=config.seed + i,
-                a_row_norm=config.a_row_norm if config.a_row_norm is not None else DEFAULT_A_ROW_NORM,
-            )
-        else:
-            b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
-            a = torch.zeros(0, spec.in_features, dtype=torch.float64)
-            cap = 1.0
-        layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.s, sp.energy, w0_norms[name], cap)
-    timings["decompose"] += time.perf_counter() - t0
-    return Plan(config, layers, source, budget, timings)
+    return spectra, w0_norms, clock.totals()

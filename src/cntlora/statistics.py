@@ -20,7 +20,7 @@ import tempfile
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -117,6 +117,32 @@ class Statistics:
         if sums is None:
             raise CNTLoRAError("these statistics have no reference set; pass reference_dataloader= when collecting")
         return sums[self.groups[layer]].moments(device)
+
+    def to(self, device) -> "Statistics":
+        """The same statistics with every sum on `device`."""
+        move = lambda sets: None if sets is None else {g: s.to(device) for g, s in sets.items()}  # noqa: E731
+        return Statistics(self.layers, self.groups, move(self.fine), move(self.reference), self.fingerprint,
+                          self.weight_digest, self.info)
+
+    def merge(self, other: "Statistics") -> None:
+        """Add the layers of another pass over the same model and data (iter_statistics' parts)."""
+        if set(other.layers) & set(self.layers):
+            raise CNTLoRAError("these statistics already hold some of those layers; merge only disjoint passes")
+        if (self.reference is None) != (other.reference is None):
+            raise CNTLoRAError("one set of statistics has a reference set and the other has none; collect both alike")
+        self.layers = {**self.layers, **other.layers}
+        self.groups.update(other.groups)
+        self.fine.update(other.fine)
+        if self.reference is not None:
+            self.reference.update(other.reference)
+        self.weight_digest.update(other.weight_digest)
+        self.fingerprint = model_fingerprint(self.layers)
+
+    def reorder(self, names: List[str]) -> None:
+        """List the layers (and their groups and digests) in the order of `names`."""
+        self.layers = {n: self.layers[n] for n in names if n in self.layers}
+        self.groups = {n: self.groups[n] for n in self.layers}
+        self.weight_digest = {n: self.weight_digest[n] for n in self.layers}
 
     def nbytes(self) -> int:
         sets = [self.fine] + ([self.reference] if self.reference else [])
@@ -558,14 +584,56 @@ def collect_statistics(
     forward_fn(model, batch) runs one batch (default: model(**batch) for dicts, model(x) for
     tensors and model(batch[0]) for tuples). mask_fn(batch) returns a (batch, seq) bool
     tensor of positions to keep (default: attention_mask, minus labels == -100).
-    max_stats_memory (bytes) bounds the sums held at once: the layers are split into groups
-    and the data is passed once per group. offload moves finished sums to the CPU.
+    max_stats_memory (bytes) bounds the sums collected at once: the layers are split into
+    groups and the data is passed once per group (iter_statistics). All groups' sums are
+    returned together, so without offload they all end on the device; offload moves each
+    group's sums to the CPU when its pass ends. To bound the device memory without host
+    memory, let cntlora.initialize (or plan.solve_parts) solve each group as it arrives.
     stats_dtype: torch.float32 or torch.float64 running sums (default: float32 on GPUs,
     float64 on the CPU).
     stop_early: end each forward pass (by an exception from the hook, caught here) once the
     last layer input it collects has been seen, so the rest of the network (the LM head; the
     later layers in a pass of a memory-capped collection) never runs. Turn it off when
     forward_fn must run to the end (side effects, FSDP's post-forward resharding).
+    """
+    parts = iter_statistics(model, dataloader, target_modules, reference_dataloader=reference_dataloader,
+                            max_batches=max_batches, max_tokens=max_tokens, forward_fn=forward_fn, mask_fn=mask_fn,
+                            max_stats_memory=max_stats_memory, progress=progress, stats_dtype=stats_dtype,
+                            stop_early=stop_early)
+    merged = None
+    for part in parts:
+        if offload:
+            part = part.to("cpu")
+        if merged is None:
+            merged = part
+        else:
+            merged.merge(part)
+        del part
+    merged.reorder(list(find_targets(model, target_modules)))  # the passes' layers in the model's order
+    return merged
+
+
+def iter_statistics(
+    model: nn.Module,
+    dataloader: Iterable,
+    target_modules: Union[str, Sequence[str]],
+    reference_dataloader: Optional[Iterable] = None,
+    max_batches: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    forward_fn: Optional[Callable] = None,
+    mask_fn: Optional[Callable] = None,
+    max_stats_memory: Optional[int] = None,
+    progress: bool = True,
+    stats_dtype: Optional[torch.dtype] = None,
+    stop_early: bool = True,
+) -> Iterator[Statistics]:
+    """collect_statistics one memory-capped pass at a time: yields a Statistics per group of
+    layer inputs (one, holding every target, without max_stats_memory), on the model's device.
+
+    The sums of a group exist only until the consumer lets go of the yielded object, so a
+    consumer that solves each part and drops it holds one group's statistics at a time. Under
+    torch.distributed every rank must iterate: each part is all-reduced when its pass ends.
+    The arguments are collect_statistics'.
     """
     forward_fn = forward_fn or default_forward
     mask_fn = mask_fn or default_mask
@@ -580,9 +648,8 @@ def collect_statistics(
     run = dict(max_batches=max_batches, max_tokens=max_tokens, forward_fn=forward_fn, mask_fn=mask_fn, device=device)
 
     sets = [("fine", dataloader)] + ([("reference", reference_dataloader)] if reference_dataloader is not None else [])
-    results: Dict[str, Dict[str, Sums]] = {}
-    info = {}
     collector = _Collector(modules, specs, None, dtype, stop_early)
+    gemm = lambda: {str(k[1]).replace("torch.", ""): v for k, v in _GEMM_KIND.items() if k[0] == device.type}  # noqa: E731
     with _eval_mode(model):
         passes: List[Optional[List[str]]] = [None]  # None: every layer, sharing learned on the way
         if max_stats_memory is not None:  # learn the sharing from one batch, then plan the passes
@@ -594,9 +661,10 @@ def collect_statistics(
                 break
             _finish_discovery(collector)
             passes = _memory_passes(collector.groups, specs, max_stats_memory, dtype.itemsize)
-        for which, loader in sets:
-            results[which] = {}
-            for index, active in enumerate(passes):
+        for index, active in enumerate(passes):
+            results: Dict[str, Dict[str, Sums]] = {}
+            info = {}
+            for which, loader in sets:
                 if index > 0 and iter(loader) is loader:
                     raise CNTLoRAError(
                         "max_stats_memory needs several passes over the data; pass a re-iterable dataloader "
@@ -609,30 +677,40 @@ def collect_statistics(
                 with collector.attached():
                     batches, _ = _run_pass(model, loader, collector, desc=desc, progress=progress, **run)
                 _finish_discovery(collector)
-                for g, s in collector.sums.items():
-                    results[which][g] = s.to("cpu") if offload else s
-            info[which] = {"batches": batches, "passes": len(passes)}
-            _all_reduce(results[which])
-    info["stats_dtype"] = str(dtype).replace("torch.", "")
-    info["gemm"] = {str(k[1]).replace("torch.", ""): v for k, v in _GEMM_KIND.items() if k[0] == device.type}
+                results[which], collector.sums = collector.sums, {}
+                info[which] = {"batches": batches, "passes": len(passes)}
+                _all_reduce(results[which])
+                _check_sums(which, results[which], collector.groups)
+            info["stats_dtype"] = str(dtype).replace("torch.", "")
+            info["gemm"] = gemm()
+            leaders = set(results["fine"])
+            layers = {n: spec for n, spec in specs.items() if collector.groups[n] in leaders}
+            part = Statistics(
+                layers=layers,
+                groups={n: collector.groups[n] for n in layers},
+                fine=results["fine"],
+                reference=results.get("reference"),
+                fingerprint=model_fingerprint(layers),
+                weight_digest=weight_digest({n: modules[n] for n in layers}, layers),
+                info=info,
+            )
+            del results
+            yield part
+            del part  # the consumer decides how long this pass's sums live
 
-    for which, sums in results.items():
-        for g, s in sums.items():
-            if not all(bool(torch.isfinite(t).all()) for t in s.tensors()):
-                sharing = [n for n, lead in collector.groups.items() if lead == g]
-                raise CNTLoRAError(
-                    f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
-                    "(fp16 overflow?), or mask those positions out with mask_fn"
-                )
-            if float(s.count) <= 0:
-                raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")
-    digest = weight_digest(modules, specs)
-    return Statistics(
-        layers=specs,
-        groups=collector.groups,
-        fine=results["fine"],
-        reference=results.get("reference"),
-        fingerprint=model_fingerprint(specs),
-        weight_digest=digest,
-        info=info,
-    )
+
+def _check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> None:
+    """Every sum finite (checked where it lives, one device sync) and every input seen."""
+    if not sums:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for s in sums.values() for t in s.tensors()]).cpu()
+    per_group = finite.split([len(s.tensors()) for s in sums.values()])
+    for (g, s), ok in zip(sums.items(), per_group):
+        if not bool(ok.all()):
+            sharing = [n for n, lead in groups.items() if lead == g]
+            raise CNTLoRAError(
+                f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
+                "(fp16 overflow?), or mask those positions out with mask_fn"
+            )
+        if float(s.count) <= 0:
+            raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")

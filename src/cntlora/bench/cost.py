@@ -169,33 +169,26 @@ def run_floor(model, batches, device) -> dict:
 
 
 def run_cntlora(model, batches, device, args, lora_kwargs, holder: dict, method: str = "cntlora-self") -> dict:
-    """collect -> solve (solve + decompose) -> apply, each phase timed on its own.
+    """cntlora.initialize, with the time of each phase: collect, solve, decompose, apply.
 
-    `method` is cntlora-<mode>, or cntlora-<mode>-offload: statistics go to the host after the
-    pass and each layer's come back for its solve, which trades time for GPU memory."""
-    from ..apply import apply
-    from ..plan import solve
-    from ..statistics import collect_statistics
+    `method` is cntlora-<mode>, or cntlora-<mode>-offload: statistics go to the host after each
+    pass and each input's come back for its solve, which trades time for GPU memory. Without
+    offload, a memory-capped collection solves each pass as it ends (initialize's default)."""
+    from ..apply import initialize
 
     overrides = {} if args.randomized_svd_above is None else {"randomized_svd_above": args.randomized_svd_above}
     mode, _, variant = method.removeprefix("cntlora-").partition("-")
     config = CNTLoRAConfig(mode=mode, r=lora_kwargs["r"], alpha=float(lora_kwargs["lora_alpha"]), seed=args.seed,
                            **overrides)
-    t0 = time.perf_counter()
-    stats = collect_statistics(model, batches, lora_kwargs["target_modules"], max_stats_memory=args.max_stats_memory,
-                               offload=args.offload or variant == "offload", progress=False,
-                               stats_dtype=_dtype(args.stats_dtype))
+    holder["model"] = initialize(model, batches, config, target_modules=lora_kwargs["target_modules"],
+                                 max_stats_memory=args.max_stats_memory, offload=args.offload or variant == "offload",
+                                 stats_dtype=_dtype(args.stats_dtype), progress=False)
     synchronize(device)
-    collect = time.perf_counter() - t0
-    stats_info = dict(stats.info)
-    stats_bytes = stats.nbytes()
-    plan = solve(model, stats, config)
-    del stats
-    holder["model"] = apply(model, plan)
-    synchronize(device)
+    plan = holder["model"].cntlora_plan
     t = plan.timings
-    return {"phases": {"collect": collect, "solve": t["solve"], "decompose": t["decompose"], "apply": t["apply"]},
-            "stats_info": stats_info, "stats_bytes": stats_bytes}
+    return {"phases": {"collect": t["collect"], "solve": t["solve"], "decompose": t["decompose"], "apply": t["apply"]},
+            "stats_info": {k: v for k, v in plan.stats_info.items() if k != "bytes"},
+            "stats_bytes": plan.stats_info["bytes"]}
 
 
 def run_eva(model, batches, device, lora_kwargs, cap_seconds: Optional[float], holder: dict) -> dict:
