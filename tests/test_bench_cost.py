@@ -12,6 +12,7 @@ from torch import nn
 import cntlora
 import cntlora.statistics as statistics
 from cntlora.bench import cost
+from cntlora.cli import byte_size
 from cntlora.decompose import DenseProducts, randomized_range, ritz_triplets
 from cntlora.plan import PhaseClock
 from cntlora.solver import mode_constraints, normal_equations, solve_delta
@@ -151,7 +152,13 @@ def _rank_r(delta, r):
 
 @pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("1.5gb", 1_500_000_000), ("1024", 1024)])
 def test_byte_sizes(text, expected):
-    assert cost._bytes(text) == expected
+    assert byte_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GiB", "0", "12 parsecs"])
+def test_bad_byte_sizes_name_the_format(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="e.g. 16GiB"):
+        byte_size(text)
 
 
 def test_early_stop_skips_the_lm_head_and_keeps_the_sums():

@@ -8,6 +8,8 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pytest
+
+import cntlora
 import torch
 
 from cntlora import cli
@@ -140,6 +142,15 @@ def test_statistics_round_trip(workdir, capsys):
     code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a3",
                            "--save-stats", stats, "--quiet")
     assert code == 2 and "already exists" in err
+    # a cap that holds a few layer inputs at a time (several passes): streamed, or kept on the host to be saved
+    code, streamed, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a4",
+                                  "--max-stats-memory", "20kB", "--quiet")
+    assert code == 0 and table(streamed) == table(first), err
+    capped = workdir / "capped.safetensors"
+    code, kept, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a5",
+                              "--max-stats-memory", "20kB", "--save-stats", capped, "--quiet")
+    assert code == 0 and table(kept) == table(first), err
+    assert cntlora.Statistics.load(capped).info["fine"]["passes"] > 1
 
 
 def test_image_folder_with_mobilenetv2(tmp_path, capsys):
@@ -177,6 +188,8 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--target-modules", "nope", "--quiet"], "matched no layer"),
     (["init", "{w}/model", "{w}/bad.jsonl", "--out", "{w}/x"], "no string field 'text'"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/data.txt", "--quiet"], "is a file"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "lots"], "e.g. 16GiB"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "1kB", "--quiet"], "raise the cap"),
     (["inspect", "{w}"], "not an adapter folder"),
     (["export", "{w}/nothing", "{w}/y"], "not an adapter folder"),
     (["bogus-command"], "invalid choice"),

@@ -252,13 +252,29 @@ def _forward_fn(model):
 # commands
 
 
+BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+
+
+def byte_size(text: str) -> int:
+    """'16GiB', '1.5GB', '512MiB' or a plain byte count -> bytes (argparse type)."""
+    low = text.strip().lower().replace(" ", "")
+    unit = next((u for u in BYTE_UNITS if low.endswith(u)), "")
+    try:
+        size = int(float(low[: len(low) - len(unit)]) * BYTE_UNITS.get(unit, 1))
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; write a positive size, e.g. 16GiB, 512MiB or 2GB")
+    return size
+
+
 def cmd_init(args) -> int:
     from peft import LoraConfig
 
     from .apply import apply
     from .export import CNTLORA_FILE, save_adapter
-    from .plan import solve
-    from .statistics import Statistics, collect_statistics
+    from .plan import solve, solve_parts
+    from .statistics import Statistics, collect_statistics, iter_statistics
 
     if args.data is None and args.load_stats is None:
         raise CliError("init needs DATA (or --load-stats FILE); e.g. cntlora init minilm bbc-news --out adapter")
@@ -277,11 +293,18 @@ def cmd_init(args) -> int:
         targets = _names(args.target_modules) if args.target_modules else default_target_modules(model)
         batches = load_batches(args.data, tokenizer, args)
         reference = load_batches(args.reference, tokenizer, args) if args.reference else None
-        stats = collect_statistics(model, batches, targets, reference_dataloader=reference,
-                                   forward_fn=_forward_fn(model), progress=not args.quiet)
-    if args.save_stats:
-        stats.save(args.save_stats)
-    plan = solve(model, stats, config, progress=not args.quiet)
+        collection = dict(reference_dataloader=reference, forward_fn=_forward_fn(model), progress=not args.quiet,
+                          max_stats_memory=args.max_stats_memory)
+        if args.max_stats_memory and not args.save_stats:  # one pass's statistics in memory at a time
+            parts = iter_statistics(model, batches, targets, **collection)
+            stats = None
+            plan = solve_parts(model, parts, config, progress=not args.quiet, release=True)
+        else:  # every pass kept (on the host when capped), to be saved
+            stats = collect_statistics(model, batches, targets, offload=bool(args.max_stats_memory), **collection)
+    if stats is not None:
+        if args.save_stats:
+            stats.save(args.save_stats)
+        plan = solve(model, stats, config, progress=not args.quiet)
     lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
     peft_model = apply(model, plan, lora_config=lora_config)
     save_adapter(peft_model, args.out)
@@ -464,6 +487,9 @@ def _add_init(subparsers, common):
                    help="pre-training-like data for pretrain_source=reference")
     d.add_argument("--save-stats", metavar="FILE", default=None, help="also save the statistics (safetensors)")
     d.add_argument("--load-stats", metavar="FILE", default=None, help="reuse saved statistics instead of collecting")
+    d.add_argument("--max-stats-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="bound the statistics held at once, e.g. 16GiB: one pass over DATA per group of layers, "
+                        "each solved as its pass ends (with --save-stats, kept in host memory instead)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_init)
 

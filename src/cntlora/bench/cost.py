@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..cli import byte_size
 from ..config import CNTLoRAConfig, CNTLoRAError
 from ..plan import RANDOMIZED_SVD_ABOVE, synchronize
 from ..statistics import atomic_write, default_forward, to_device
@@ -547,15 +548,6 @@ def plot(summary: dict, path: str) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-def _bytes(text: str) -> int:
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    low = text.strip().lower()
-    for unit, factor in units.items():
-        if low.endswith(unit):
-            return int(float(low[: -len(unit)]) * factor)
-    return int(low)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="smollm2",
                         help="smollm2 (real weights, Shakespeare) or a Llama shape with random weights and tokens")
@@ -572,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed floor + CNTLoRA runs first")
     parser.add_argument("--eva-cap-seconds", type=float, default=None,
                         help="stop EVA after this long (its loop has no cap); reported as eva-capped")
-    parser.add_argument("--max-stats-memory", type=_bytes, default=None, help="CNTLoRA's statistics cap, e.g. 24GiB")
+    parser.add_argument("--max-stats-memory", type=byte_size, default=None, help="CNTLoRA's statistics cap, e.g. 24GiB")
     parser.add_argument("--offload", action="store_true", help="move finished statistics to the CPU")
     parser.add_argument("--stats-dtype", choices=["float32", "float64"], default=None,
                         help="CNTLoRA's running sums (default: float32 on GPUs, float64 on the CPU)")
