@@ -167,11 +167,12 @@ def test_early_stop_skips_the_lm_head_and_keeps_the_sums():
     batches[1]["attention_mask"][0, :5] = 0  # one partial mask, so the masked path runs too
     full = cntlora.collect_statistics(model, batches, cost.LINEAR_KINDS, progress=False, stop_early=False)
     head_calls = []
-    handle = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(args[0].shape[0]))
     early = cntlora.collect_statistics(model, batches, cost.LINEAR_KINDS, progress=False)
     capped = cntlora.collect_statistics(model, batches, cost.LINEAR_KINDS, progress=False, max_stats_memory=300_000)
     handle.remove()
-    assert len(head_calls) == 2  # the first batch of each collection, where the sharing is learned
+    # only the discovery of each collection runs the head: on one row of the first batch (of 2)
+    assert head_calls == [1, 1]
     assert capped.info["fine"]["passes"] > 1
     for g in full.fine:
         for other in (early, capped):
@@ -194,6 +195,55 @@ def test_early_stop_is_off_for_a_layer_run_twice_per_forward():
     early = cntlora.collect_statistics(model, xs, ["lin"], progress=False)
     assert float(early.fine["lin"].count) == float(full.fine["lin"].count) == 24
     torch.testing.assert_close(early.fine["lin"].outer, full.fine["lin"].outer)
+
+
+class _OnlyOnWideBatches(nn.Module):
+    """`late` runs only on batches of more than one row, like an expert a single row may not reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.early, self.late, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.early(x)
+        if x.shape[0] > 1:
+            h = h + self.late(torch.tanh(h))
+        return self.head(h)
+
+
+def test_a_layer_missed_by_the_discovery_row_is_still_collected_in_full():
+    torch.manual_seed(0)
+    model, xs = _OnlyOnWideBatches(), [torch.randn(4, 6) for _ in range(3)]
+    full = cntlora.collect_statistics(model, xs, ["early", "late"], progress=False, stop_early=False)
+    for kwargs in ({}, {"max_stats_memory": 8 * (36 + 7)}):
+        stats = cntlora.collect_statistics(model, xs, ["early", "late"], progress=False, **kwargs)
+        for g in ("early", "late"):
+            assert float(stats.fine[g].count) == 12
+            torch.testing.assert_close(stats.fine[g].outer, full.fine[g].outer)
+
+
+def test_a_one_shot_iterator_loses_no_batch_to_the_discovery():
+    torch.manual_seed(0)
+    model, xs = _OnlyOnWideBatches(), [torch.randn(4, 6) for _ in range(3)]
+    listed = cntlora.collect_statistics(model, xs, ["early"], progress=False)
+    streamed = cntlora.collect_statistics(model, iter(xs), ["early"], progress=False)
+    assert float(streamed.fine["early"].count) == 12
+    torch.testing.assert_close(streamed.fine["early"].outer, listed.fine["early"].outer)
+
+
+def test_a_forward_that_needs_the_whole_batch_discovers_on_it():
+    torch.manual_seed(0)
+    model, xs = _OnlyOnWideBatches(), [torch.randn(4, 6) for _ in range(3)]
+    seen = []
+
+    def fixed_batch_forward(m, x):
+        seen.append(x.shape[0])
+        if x.shape[0] != 4:
+            raise RuntimeError("this model takes batches of 4")
+        return m(x)
+
+    stats = cntlora.collect_statistics(model, xs, ["early"], progress=False, forward_fn=fixed_batch_forward)
+    assert seen[:2] == [1, 4] and float(stats.fine["early"].count) == 12
 
 
 # --- the implicit randomized path: large layers never form ΔW ---------------------------------

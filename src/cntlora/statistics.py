@@ -14,6 +14,7 @@ the running sums over batches are float32 on GPUs and float64 on the CPU by defa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -546,6 +547,40 @@ def _memory_passes(
     return passes + [current]
 
 
+def _first_row(batch):
+    """`batch` cut to its first example: every tensor whose first dimension is the batch's."""
+    rows = None
+    probe = batch
+    while isinstance(probe, (dict, list, tuple)) and len(probe):
+        probe = next(iter(probe.values())) if isinstance(probe, dict) else probe[0]
+    if isinstance(probe, torch.Tensor) and probe.dim() > 0:
+        rows = probe.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor):
+            return v[:1] if rows is not None and v.dim() > 0 and v.shape[0] == rows else v
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(cut(x) for x in v)
+        return v
+
+    return cut(batch)
+
+
+def _discover(model: nn.Module, collector: "_Collector", batch, forward_fn: Callable, device) -> None:
+    """One forward pass with the hooks attached and nothing collected: it records the order in
+    which the targets run, which share an input and which run twice (then no early stop)."""
+    active, collector.active = collector.active, set()
+    try:
+        collector.start_batch(None)
+        with collector.attached():
+            forward_fn(model, to_device(batch, device))
+    finally:
+        collector.active = active
+    collector.seen_every_target()
+
+
 def _finish_discovery(collector: "_Collector") -> None:
     if not collector.discover:
         return
@@ -651,16 +686,27 @@ def iter_statistics(
     collector = _Collector(modules, specs, None, dtype, stop_early)
     gemm = lambda: {str(k[1]).replace("torch.", ""): v for k, v in _GEMM_KIND.items() if k[0] == device.type}  # noqa: E731
     with _eval_mode(model):
-        passes: List[Optional[List[str]]] = [None]  # None: every layer, sharing learned on the way
-        if max_stats_memory is not None:  # learn the sharing from one batch, then plan the passes
-            for batch in dataloader:
-                batch = to_device(batch, device)
-                collector.start_batch(mask_fn(batch))
-                with collector.attached():
-                    forward_fn(model, batch)
-                break
+        first = next(iter(dataloader), None)
+        if first is None:
+            raise CNTLoRAError("the fine dataloader yielded no batches; pass a dataloader with at least one batch")
+        if iter(dataloader) is dataloader:  # a one-shot iterator: put the batch taken back in front
+            dataloader = itertools.chain([first], dataloader)
+            sets[0] = ("fine", dataloader)
+        # The order and the sharing of the layer inputs, from one row of the first batch, so
+        # that even the first batch stops early (the LM head's logits were a first-batch peak)
+        try:
+            _discover(model, collector, _first_row(first), forward_fn, device)
+        except CNTLoRAError:
+            raise
+        except Exception:  # a forward that needs the whole batch (a fixed batch size): discover on it
+            _discover(model, collector, first, forward_fn, device)
+        passes: List[Optional[List[str]]] = [None]  # None: every layer (discovery may go on into the pass)
+        if max_stats_memory is not None:  # every layer's sharing is needed to plan the passes
+            if collector.discover:  # some layer did not run on that row (a mixture of experts?)
+                _discover(model, collector, first, forward_fn, device)
             _finish_discovery(collector)
             passes = _memory_passes(collector.groups, specs, max_stats_memory, dtype.itemsize)
+        del first
         for index, active in enumerate(passes):
             results: Dict[str, Dict[str, Sums]] = {}
             info = {}
