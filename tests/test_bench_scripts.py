@@ -20,6 +20,7 @@ def _script(name):
 
 run_all = _script("run_all")
 split_for_transfer = _script("split_for_transfer")
+report = _script("report")
 
 
 def test_only_runs_groups_in_the_order_given():
@@ -154,6 +155,18 @@ def test_variants_group_searches_the_lr_on_seed_0():
     for s in specs:  # every label parses, so no worker fails on it
         for label in s.methods:
             run_all.parse_label(label)
+
+
+def test_report_replaces_the_tables_of_the_same_task_in_the_docs():
+    doc = "\n".join(["# Results", "", "### lm (perplexity, lower is better, 100 steps, 800 train examples)", "",
+                     "| method | lr |", "|---|---|", "| old | 1 |", "", "Text after the table.",
+                     "### lm-fewshot (perplexity, lower is better, 50 steps, 100 train examples)", "", "| keep | 2 |"])
+    new = "### lm (perplexity, lower is better, 100 steps, 800 train examples)\n\n| method | lr |\n|---|---|\n| new | 3 |"
+    unknown = "### vision (accuracy, higher is better, 100 steps, 800 train examples)\n\n| x |"
+    text, replaced = report.replace_tables(doc, [new, unknown])
+    assert replaced == ["lm"]
+    assert "| new | 3 |" in text and "| old | 1 |" not in text and "| keep | 2 |" in text
+    assert "Text after the table." in text and text.count("### lm (") == 1 and "### vision" not in text
 
 
 def _reassemble(parts, joined):

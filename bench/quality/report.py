@@ -1,12 +1,13 @@
 """Turn run logs (runs.jsonl from run_all.py) into summary.json, per-task JSON, plots and tables.
 
-    python bench/quality/report.py LOG.jsonl [LOG2.jsonl ...] --out bench/results
+    python bench/quality/report.py LOG.jsonl [LOG2.jsonl ...] --out bench/results [--docs docs/benchmarks.md]
 
 Give the logs oldest first: a run logged twice (same table, label, seed, lr) counts once, the
 latest line wins (cntlora.bench.quality.load_runs). A spec named TABLE+PART (e.g.
 'text-fewshot+a_row_norm') adds its runs to TABLE's table. Headline tables (no '-' suffix other
 than '-fewshot') go into summary.json; '*-sensitivity' tables get sensitivity-<task>.png;
-'*-smoke' specs are checked for finite numbers only.
+'*-smoke' specs are checked for finite numbers only. --docs replaces, in that markdown file,
+each table whose '### TASK (' heading a new table has, so the docs show the logged numbers.
 """
 
 import argparse
@@ -22,6 +23,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--docs", default=None, help="a markdown file whose tables of the same tasks are replaced")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,32 @@ def main(argv=None):
         tables.append(format_table(summary) + (f"\n\nnon-finite runs: {bad}" if bad else ""))
     (out / "quality-tables.md").write_text("\n\n".join(tables) + "\n")
     print("\n\n".join(tables))
+    if a.docs:
+        doc = Path(a.docs)
+        text, replaced = replace_tables(doc.read_text(), tables)
+        doc.write_text(text)
+        print(f"{a.docs}: replaced the tables of {', '.join(replaced) or 'no task'}")
+
+
+def replace_tables(doc: str, tables: list) -> tuple:
+    """(doc with each table of `tables` put in place of the one under the same '### TASK (' heading, tasks
+    replaced). A table is its heading line, one blank line and the '|' lines after it."""
+    lines = doc.split("\n")
+    replaced = []
+    for table in tables:
+        heading = table.split("\n", 1)[0]
+        key = heading.split(" (", 1)[0] + " ("
+        at = [i for i, line in enumerate(lines) if line.startswith(key)]
+        if len(at) != 1:
+            continue  # absent, or ambiguous: left alone
+        end = at[0] + 1
+        while end < len(lines) and lines[end] == "":
+            end += 1
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        lines[at[0]:end] = table.split("\n")
+        replaced.append(heading[4:].split(" (", 1)[0])
+    return "\n".join(lines), replaced
 
 
 if __name__ == "__main__":

@@ -80,7 +80,10 @@ FOLLOW_UPS = ("edges", "edges-seeds", *MISSING)  # --only groups built from the 
 #   PiSSA on lm-fewshot on a CPU.
 UNCAPPED_RESIDUAL = "cntlora-self@base=residual,strength=None"
 VARIANTS_GPU = {"lm": ["cntlora-self@a_row_norm=3", UNCAPPED_RESIDUAL], "vision-fewshot": [UNCAPPED_RESIDUAL],
-                "lm-fewshot": [UNCAPPED_RESIDUAL]}  # lm-fewshot: on the GPU too, beside its CPU runs
+                # on the GPU too, beside the CPU runs of lm-fewshot and text-fewshot, and on the 800-example tables:
+                # the evidence for the default base handling
+                "lm-fewshot": [UNCAPPED_RESIDUAL], "text-fewshot": [UNCAPPED_RESIDUAL], "text": [UNCAPPED_RESIDUAL],
+                "vision": [UNCAPPED_RESIDUAL]}
 
 
 def read_logs(logs) -> dict:
