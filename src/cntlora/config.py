@@ -30,6 +30,8 @@ class CNTLoRAConfig:
     r, alpha, use_rslora: as in peft.LoraConfig; the scale is s = alpha/r (alpha/sqrt(r)).
     base: "subspace" (default: B = 0, A spans the data-driven directions, output unchanged),
         "residual" (W0 <- W0 - s·B·A, output unchanged) or "keep" (output moves by s·B·A).
+        For causal language models, base="residual" with strength=None starts the adapter at
+        the top-r part of ΔW; in the quality benchmark it tied PiSSA where "subspace" lost.
     gamma: weight of the "zero on pre-training inputs" constraint in Cross mode.
     pretrain_source: "reference", "weights" or "isotropic"; None picks "reference" when
         reference statistics exist, else "weights".
