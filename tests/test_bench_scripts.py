@@ -157,6 +157,13 @@ def test_variants_group_searches_the_lr_on_seed_0():
             run_all.parse_label(label)
 
 
+def test_labels_keep_one_label_of_the_chosen_specs(capsys):
+    assert run_all.main(["--dry-run", "--only", "variants", "--labels", run_all.RESIDUAL_VAS, "--lr-from"]) == 0
+    out = capsys.readouterr().out
+    assert "lm+variants" in out and "lm-fewshot+variants" in out and "vision+variants" not in out
+    assert "total: 10 jobs, 14 training runs" in out  # 2 tables, 5 seeds, 3 lrs on seed 0
+
+
 def test_report_replaces_the_tables_of_the_same_task_in_the_docs():
     doc = "\n".join(["# Results", "", "### lm (perplexity, lower is better, 100 steps, 800 train examples)", "",
                      "| method | lr |", "|---|---|", "| old | 1 |", "", "Text after the table.",
