@@ -134,13 +134,7 @@ def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRACo
     for the parts merged. release=True drops each input's sums from its part as soon as that
     input's layers are solved (for parts nobody else reads; it empties them)."""
     distributed = _distributed()
-    solver = None
-    if not distributed:
-        solver = _Solver(model, config, progress)
-    else:
-        import torch.distributed as dist
-
-        solver = _Solver(model, config, progress) if dist.get_rank() == 0 else None
+    solver = _Solver(model, config, progress) if not distributed or torch.distributed.get_rank() == 0 else None
     for part in parts:  # every rank iterates: the collection all-reduces each pass
         if solver is not None:
             solver.add(part, release)
