@@ -749,14 +749,15 @@ def _check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> No
     """Every sum finite (checked where it lives, one device sync) and every input seen."""
     if not sums:
         return
-    finite = torch.stack([torch.isfinite(t).all() for s in sums.values() for t in s.tensors()]).cpu()
-    per_group = finite.split([len(s.tensors()) for s in sums.values()])
-    for (g, s), ok in zip(sums.items(), per_group):
-        if not bool(ok.all()):
+    finite = [torch.stack([torch.isfinite(t).all() for t in s.tensors()]).all() for s in sums.values()]
+    seen = [s.count > 0 for s in sums.values()]
+    finite, seen = torch.stack([torch.stack(finite), torch.stack(seen)]).cpu().tolist()
+    for g, ok, any_row in zip(sums, finite, seen):
+        if not ok:
             sharing = [n for n, lead in groups.items() if lead == g]
             raise CNTLoRAError(
                 f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
                 "(fp16 overflow?), or mask those positions out with mask_fn"
             )
-        if float(s.count) <= 0:
+        if not any_row:
             raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")
