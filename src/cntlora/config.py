@@ -31,7 +31,8 @@ class CNTLoRAConfig:
     base: "subspace" (default: B = 0, A spans the data-driven directions, output unchanged),
         "residual" (W0 <- W0 - s·B·A, output unchanged) or "keep" (output moves by s·B·A).
         For causal language models, base="residual" with strength=None starts the adapter at
-        the top-r part of ΔW; in the quality benchmark it tied PiSSA where "subspace" lost.
+        the top-r part of ΔW; in the quality benchmark it tied PiSSA where "subspace" lost
+        (at a learning rate 3x lower than subspace's).
     gamma: weight of the "zero on pre-training inputs" constraint in Cross mode.
     pretrain_source: "reference", "weights" or "isotropic"; None picks "reference" when
         reference statistics exist, else "weights".
