@@ -172,6 +172,20 @@ def test_streamed_solve_of_capped_passes_gives_the_one_pass_adapter(cfg):
         assert torch.equal(state[key], lp.A)
 
 
+def test_streamed_passes_with_a_reference_set_give_the_one_pass_adapter():
+    model, batches, targets, cap = _capped_llama()
+    reference = token_batches(seed=7)
+    cfg = CNTLoRAConfig(mode="cross", r=4, pretrain_source="reference")
+    one = cntlora.solve(model, cntlora.collect_statistics(model, batches, targets, reference_dataloader=reference,
+                                                          progress=False), cfg)
+    parts = cntlora.iter_statistics(model, batches, targets, reference_dataloader=reference, max_stats_memory=cap,
+                                    progress=False)
+    streamed = cntlora.solve_parts(model, parts, cfg, release=True)
+    assert streamed.pretrain_source == "reference" and streamed.stats_info["reference"]["passes"] > 1
+    for name, lp in one.layers.items():
+        assert torch.equal(lp.B, streamed.layers[name].B) and torch.equal(lp.A, streamed.layers[name].A)
+
+
 def test_streamed_solve_holds_one_pass_of_statistics_at_a_time():
     """With release=True each part's sums die before the next pass starts collecting."""
     import weakref
