@@ -129,6 +129,16 @@ def test_export_loads_in_plain_peft_on_the_original_base(workdir, capsys, base):
         assert r == 8
 
 
+def test_init_with_generalized_directions(workdir, capsys):
+    out = workdir / "adapter-generalized"
+    code, stdout, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", out, "--r", 4,
+                                "--mode", "cross", "--directions", "generalized", "--quiet")
+    assert code == 0, err
+    meta = json.loads((out / "cntlora.json").read_text())
+    assert meta["config"]["directions"] == "generalized" and meta["config"]["mode"] == "cross"
+    assert "total: 13/13 layers adapted" in stdout
+
+
 def test_statistics_round_trip(workdir, capsys):
     stats = workdir / "stats.safetensors"
     code, first, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a1",
@@ -189,6 +199,7 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     (["init", "{w}/model", "{w}/bad.jsonl", "--out", "{w}/x"], "no string field 'text'"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/data.txt", "--quiet"], "is a file"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "lots"], "e.g. 16GiB"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--vas"], "vas=False"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "1kB", "--quiet"], "raise the cap"),
     (["inspect", "{w}"], "not an adapter folder"),
     (["export", "{w}/nothing", "{w}/y"], "not an adapter folder"),

@@ -256,3 +256,65 @@ def test_reproduce_only_systems_skip_the_rhs_product_and_agree_with_it():
         torch.testing.assert_close(system.delta(w0), slow, rtol=1e-10, atol=1e-12)
     cross = normal_equations(fine, pre, [reproduce_frozen("fine"), vanish("pretrain", 1.0)], 1e-2)
     assert cross.rhs_gap is None
+
+
+def _generalized_brute_force(numerator, gram, k):
+    """Top-k of numerator·w = ρ·gram·w by symmetric whitening (gram^-1/2 from eigh, not Cholesky)."""
+    e, v = torch.linalg.eigh(gram)
+    whiten = (v / e.sqrt()) @ v.T
+    rho, u = torch.linalg.eigh(whiten @ numerator @ whiten)
+    w = whiten @ u.flip(1)[:, :k]
+    assert torch.allclose(numerator @ w, gram @ w * rho.flip(0)[:k], atol=1e-9 * float(gram.abs().max()))
+    return rho.flip(0)[:k], w
+
+
+def _same_span(a, b):
+    qa, _ = torch.linalg.qr(a)
+    qb, _ = torch.linalg.qr(b)
+    return float(torch.linalg.norm(qa @ qa.T - qb @ qb.T))
+
+
+@pytest.mark.parametrize("mode", ["self", "cross"])
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_generalized_directions_match_brute_force(collected, mode, layer):
+    """A's rows span the top generalized eigenvectors of C_f·w = ρ·(Σ w_k C_k + λI)·w, from raw activations."""
+    model, stats, raw_f, raw_p = collected
+    k, gamma = 3, 0.7
+    cfg = CNTLoRAConfig(mode=mode, r=k, gamma=gamma, pretrain_source="reference", ridge=RIDGE, directions="generalized")
+    plan = cntlora.solve(model, stats, cfg)
+    x_f, x_p = raw_f[layer].double(), raw_p[layer].double()
+    c_f = x_f.T @ x_f / len(x_f)
+    gram = c_f + (gamma * x_p.T @ x_p / len(x_p) if mode == "cross" else 0)
+    gram = gram + RIDGE * torch.trace(gram) / len(gram) * torch.eye(len(gram), dtype=torch.float64)
+    rho, w = _generalized_brute_force(c_f, gram, k)
+    lp = plan.layers[layer]
+    assert _same_span(lp.A.double().T, w) < 1e-5
+    assert torch.allclose(lp.singular_values.double(), rho, rtol=1e-6) and float(rho[0]) < 1  # ρ in [0, 1)
+    assert torch.count_nonzero(lp.B) == 0
+    assert torch.allclose(lp.A.double() @ lp.A.double().T, torch.eye(k, dtype=torch.float64) / 3, atol=1e-6)
+
+
+def test_generalized_directions_for_each_rank_nest_and_do_not_need_w0(collected):
+    from cntlora.decompose import generalized_directions
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 6, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 0.5, 0.1], dtype=torch.float64)
+    c_f = x.T @ x / 200
+    gram = c_f + 0.5 * torch.eye(6, dtype=torch.float64)
+    rho4, q4 = generalized_directions(c_f, torch.linalg.cholesky(gram), 4)
+    rho2, q2 = generalized_directions(c_f, torch.linalg.cholesky(gram), 2)
+    assert torch.allclose(rho4[:2], rho2) and _same_span(q4[:, :2], q2) < 1e-10  # the first 2 of 4 are the 2
+    assert torch.allclose(q4.T @ q4, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(cntlora.CNTLoRAError, match="symmetric"):
+        generalized_directions(c_f + torch.triu(torch.ones(6, 6, dtype=torch.float64), 1), torch.linalg.cholesky(gram), 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(base="residual"), "base='subspace'"),
+    (dict(vas=True), "vas=False"),
+    (dict(mode="shift"), "Self or Cross"),
+    (dict(directions="sideways"), "unknown directions"),
+])
+def test_generalized_directions_refuse_what_they_cannot_do(kwargs, match):
+    with pytest.raises(cntlora.CNTLoRAError, match=match):
+        CNTLoRAConfig(**{"directions": "generalized", **kwargs})

