@@ -271,10 +271,10 @@ def byte_size(text: str) -> int:
 def cmd_init(args) -> int:
     from peft import LoraConfig
 
-    from .apply import apply
+    from .apply import apply, initialize
     from .export import CNTLORA_FILE, save_adapter
-    from .plan import solve, solve_parts
-    from .statistics import Statistics, collect_statistics, iter_statistics
+    from .plan import solve
+    from .statistics import Statistics, collect_statistics
 
     if args.data is None and args.load_stats is None:
         raise CliError("init needs DATA (or --load-stats FILE); e.g. cntlora init minilm bbc-news --out adapter")
@@ -287,6 +287,7 @@ def cmd_init(args) -> int:
         r_max=args.r_max, vas_score=args.vas_score, seed=args.seed, directions=args.directions,
     )
     model, tokenizer = load_model(args.model, seed=args.seed)
+    lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
     if args.load_stats:
         stats = Statistics.load(args.load_stats)
     else:
@@ -295,18 +296,17 @@ def cmd_init(args) -> int:
         reference = load_batches(args.reference, tokenizer, args) if args.reference else None
         collection = dict(reference_dataloader=reference, forward_fn=_forward_fn(model), progress=not args.quiet,
                           max_stats_memory=args.max_stats_memory)
-        if args.max_stats_memory and not args.save_stats:  # one pass's statistics in memory at a time
-            parts = iter_statistics(model, batches, targets, **collection)
-            stats = None
-            plan = solve_parts(model, parts, config, progress=not args.quiet, release=True)
-        else:  # every pass kept (on the host when capped), to be saved
-            stats = collect_statistics(model, batches, targets, offload=bool(args.max_stats_memory), **collection)
-    if stats is not None:
+        # statistics to save are kept whole (on the host when capped); otherwise initialize streams the passes
+        stats = (collect_statistics(model, batches, targets, offload=bool(args.max_stats_memory), **collection)
+                 if args.save_stats else None)
+    if stats is None:
+        peft_model = initialize(model, batches, config, target_modules=targets, lora_config=lora_config, **collection)
+        plan = peft_model.cntlora_plan
+    else:
         if args.save_stats:
             stats.save(args.save_stats)
         plan = solve(model, stats, config, progress=not args.quiet)
-    lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
-    peft_model = apply(model, plan, lora_config=lora_config)
+        peft_model = apply(model, plan, lora_config=lora_config)
     save_adapter(peft_model, args.out)
     record_model(Path(args.out) / CNTLORA_FILE, args)
     print(plan.summary())

@@ -233,8 +233,7 @@ class _Solver:
     def __init__(self, model: nn.Module, config: CNTLoRAConfig, progress: bool):
         self.model, self.config, self.progress = model, config, progress
         self.constraints = mode_constraints(config)
-        self.source: Optional[str] = None
-        self.source_known = False
+        self.source: Optional[str] = None  # known once a part has been added
         self.specs: Dict[str, LayerSpec] = {}
         self.spectra: Dict[str, Spectrum] = {}
         self.w0_norms: Dict[str, float] = {}
@@ -256,9 +255,9 @@ class _Solver:
         config = self.config
         modules = stats.check_model(self.model)
         source = self._pretrain_source(stats)
-        if self.source_known and source != self.source:
+        if self.specs and source != self.source:
             raise CNTLoRAError("the parts disagree on the pre-training source (some have a reference set, some not)")
-        self.source, self.source_known = source, True
+        self.source = source
         if not config.vas:
             small = [(n, s) for n, s in stats.layers.items() if config.r > min(s.out_features, s.in_features)]
             if small:
