@@ -39,6 +39,17 @@ def test_output_unchanged_at_step_zero(mode, base):
                                model.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_objective_truncation_residual_start_keeps_the_output(mode):
+    model = tiny_llama()
+    batches = token_batches()
+    ref = model(**batches[0]).logits
+    cfg = CNTLoRAConfig(mode=mode, r=4, base="residual", strength=None, truncation="objective")
+    pm = cntlora.initialize(copy.deepcopy(model), batches, cfg, target_modules=["q_proj", "down_proj"], progress=False)
+    assert close(pm(**batches[0]).logits, ref)
+    assert all(torch.count_nonzero(p) > 0 for n, p in pm.named_parameters() if "lora_B" in n)
+
+
 @pytest.mark.parametrize("mode", ["self", "cross", "shift"])
 def test_keep_moves_output_by_exactly_sBA(mode):
     model = nn.Sequential(nn.Linear(12, 7))

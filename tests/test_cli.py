@@ -139,6 +139,16 @@ def test_init_with_generalized_directions(workdir, capsys):
     assert "total: 13/13 layers adapted" in stdout
 
 
+def test_init_with_objective_truncation(workdir, capsys):
+    out = workdir / "adapter-objective"
+    code, stdout, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", out, "--r", 4,
+                                "--base", "residual", "--strength", "none", "--truncation", "objective", "--quiet")
+    assert code == 0, err
+    meta = json.loads((out / "cntlora.json").read_text())
+    assert meta["config"]["truncation"] == "objective" and meta["config"]["strength"] is None
+    assert "total: 13/13 layers adapted" in stdout
+
+
 def test_statistics_round_trip(workdir, capsys):
     stats = workdir / "stats.safetensors"
     code, first, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a1",
@@ -200,6 +210,8 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/data.txt", "--quiet"], "is a file"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "lots"], "e.g. 16GiB"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--vas"], "vas=False"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--truncation", "objective"],
+     "truncation='frobenius'"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "1kB", "--quiet"], "raise the cap"),
     (["inspect", "{w}"], "not an adapter folder"),
     (["export", "{w}/nothing", "{w}/y"], "not an adapter folder"),

@@ -16,6 +16,12 @@ RIDGE = 1e-2
 
 def brute_force(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
     """Stack sqrt(w_k/N_k)·x rows per constraint plus sqrt(λ)·I rows, and lstsq for ΔWᵀ."""
+    rows, targets = stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment)
+    return torch.linalg.lstsq(rows, targets, driver="gelsd").solution.T
+
+
+def stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
+    """(Z, T) with the constraints' objective J(ΔW) = ||Z·ΔWᵀ − T||_F², from raw activations."""
     w0 = w0.double()
     n = w0.shape[1]
     mu_f = x_f.mean(0)
@@ -52,8 +58,7 @@ def brute_force(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
         targets.append(scale * t)
     rows.append(lam.sqrt() * torch.eye(n, dtype=w0.dtype))
     targets.append(torch.zeros(n, w0.shape[0], dtype=w0.dtype))
-    sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution
-    return sol.T
+    return torch.cat(rows), torch.cat(targets)
 
 
 def synthetic_pretrain(source, w0, x_f, x_ref):
@@ -318,3 +323,70 @@ def test_generalized_directions_for_each_rank_nest_and_do_not_need_w0(collected)
 def test_generalized_directions_refuse_what_they_cannot_do(kwargs, match):
     with pytest.raises(cntlora.CNTLoRAError, match=match):
         CNTLoRAConfig(**{"directions": "generalized", **kwargs})
+
+
+@pytest.mark.parametrize("mode", ["self", "cross", "shift"])
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_objective_truncation_is_the_rank_k_minimizer_of_the_constraints(collected, mode, layer):
+    """s·B·A under truncation='objective' is the rank-k minimizer of ||Z·Xᵀ − T||² built from raw
+    activations (reduced-rank regression: project ΔW onto the top-k output directions of the fitted
+    values Z·ΔWᵀ), and it beats the Frobenius truncation on that objective."""
+    model, stats, raw_f, raw_p = collected
+    k = 2
+    w0 = weight_matrix(dict(model.named_modules())[layer], stats.layers[layer]).detach()
+    x_p = raw_p[layer].double()
+    z, t = stacked_system(w0, raw_f[layer].double(), x_p, mode, 0.7, RIDGE)
+    delta = torch.linalg.lstsq(z, t, driver="gelsd").solution.T
+    _, _, vh = torch.linalg.svd(z @ delta.T, full_matrices=False)
+    want = vh[:k].T @ vh[:k] @ delta  # m × n: P_k·ΔW, P_k on the top-k right singular vectors of Z·ΔWᵀ
+
+    def objective(x):
+        return float(torch.linalg.norm(z @ x.T - t) ** 2)
+
+    common = dict(mode=mode, r=k, alpha=float(k), gamma=0.7, pretrain_source="reference", ridge=RIDGE, base="keep",
+                  strength=None)
+    plans = {trunc: cntlora.solve(model, stats, CNTLoRAConfig(**common, truncation=trunc))
+             for trunc in ("objective", "frobenius")}
+    got = {trunc: p.scale * p.layers[layer].B.double() @ p.layers[layer].A.double() for trunc, p in plans.items()}
+    assert rel(got["objective"], want) < 1e-5
+    assert objective(got["objective"]) < objective(got["frobenius"]) - 1e-6 * objective(delta)
+    # the reported σ are those of the weighted ΔW, whose squares are what each component removes from J
+    sigma = torch.linalg.svdvals(z @ delta.T)[:k]
+    assert torch.allclose(plans["objective"].layers[layer].singular_values.double(), sigma, rtol=1e-6)
+
+
+def test_objective_truncation_nests_and_keeps_unit_rows():
+    from cntlora.decompose import lora_factors, objective_truncation
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(7, 9, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 9, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 9, dtype=torch.float64)
+    chol = torch.linalg.cholesky(x.T @ x / 50 + 0.01 * torch.eye(9, dtype=torch.float64))
+    four, two = objective_truncation(delta, chol, 4), objective_truncation(delta, chol, 2)
+    b4, a4, _ = lora_factors(four, 2, 1.0, "keep", 1.0, None)
+    b2, a2, _ = lora_factors(two, 2, 1.0, "keep", 1.0, None)
+    assert torch.allclose(b4 @ a4, b2 @ a2, atol=1e-10)  # the rank-2 part of the rank-4 answer is the rank-2 answer
+    assert torch.allclose(four.u.T @ four.u, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(four.v.norm(dim=0), torch.ones(4, dtype=torch.float64))
+    assert float(four.gains.sum()) <= four.energy * (1 + 1e-12) and bool((four.gains.diff() <= 1e-12).all())
+    # subspace: A's rows are orthonormal (at the row norm) and span the rank-r update's rows
+    _, a_sub, _ = lora_factors(four, 3, 1.0, "subspace", 1.0, None, a_row_norm=1.0)
+    b3, a3, _ = lora_factors(four, 3, 1.0, "keep", 1.0, None)
+    assert torch.allclose(a_sub @ a_sub.T, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    assert _same_span(a_sub.T, (b3 @ a3).T @ four.u[:, :3]) < 1e-8
+
+
+def test_objective_truncation_with_vas_shares_the_objective(collected):
+    model, stats, _, _ = collected
+    plan = cntlora.solve(model, stats, CNTLoRAConfig(mode="cross", r=2, vas=True, truncation="objective",
+                                                     pretrain_source="reference"))
+    assert plan.params <= plan.budget and sum(lp.rank for lp in plan.layers.values()) > 0
+    for lp in plan.layers.values():
+        assert 0 < lp.energy_share <= 1 + 1e-9
+
+
+def test_objective_truncation_refuses_generalized_directions():
+    with pytest.raises(cntlora.CNTLoRAError, match="truncation='frobenius'"):
+        CNTLoRAConfig(directions="generalized", truncation="objective")
+    with pytest.raises(cntlora.CNTLoRAError, match="unknown truncation"):
+        CNTLoRAConfig(truncation="nuclear")

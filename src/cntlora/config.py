@@ -11,6 +11,7 @@ PRETRAIN_SOURCES = ("reference", "weights", "isotropic")
 SHIFT_ALIGNMENTS = ("diag", "full")
 VAS_SCORES = ("energy", "weight")
 DIRECTIONS = ("delta", "generalized")
+TRUNCATIONS = ("frobenius", "objective")
 
 
 class CNTLoRAError(ValueError):
@@ -51,6 +52,11 @@ class CNTLoRAConfig:
         rhs·w = ρ·gram·w of the layer's system (Cross: C_f·w = ρ·(C_f + γC_p + λI)·w), the input
         directions where fine-tuning energy most exceeds pre-training energy, whatever W0 does
         with them (docs/method.md). Self or Cross, subspace base, no VAS.
+    truncation: how ΔW becomes rank r. "frobenius" (default): its top-r singular components, the
+        closest rank r in ||·||_F. "objective": the rank-r update that minimizes the constraints'
+        own objective (reduced-rank regression: U_r·U_rᵀ·ΔW, U_r the top left singular vectors
+        of ΔW·chol(gram)), which weighs the inputs as the data does (docs/method.md). It forms
+        ΔW in every layer; VAS's "energy" score becomes each component's share of the objective.
     randomized_svd_above: layers with min(m, n) above this use a seeded randomized SVD (on the
         CPU, layers above 2048 without forming ΔW). None picks 256 on every device: the exact
         path cost ~2.5 s of a 1B model's init on an H200 and 8 s of SmolLM2's on 2 CPU cores.
@@ -78,6 +84,7 @@ class CNTLoRAConfig:
     seed: int = 0
     a_row_norm: Optional[float] = None
     directions: str = "delta"
+    truncation: str = "frobenius"
     randomized_svd_above: Optional[int] = None  # None: 256
     svd_niter: int = 4
 
@@ -114,6 +121,10 @@ class CNTLoRAConfig:
             if self.constraints is None and self.mode == "shift":
                 raise CNTLoRAError("directions='generalized' needs Self or Cross: Shift's alignment is not "
                                    "symmetric; use directions='delta' with mode='shift'")
+        _choice("truncation", self.truncation, TRUNCATIONS)
+        if self.truncation == "objective" and self.directions == "generalized":
+            raise CNTLoRAError("directions='generalized' takes A's directions from the system, not from a truncation "
+                               "of ΔW; use truncation='frobenius' with it, or directions='delta'")
         if self.a_row_norm is not None and not self.a_row_norm > 0:
             raise CNTLoRAError(f"a_row_norm must be positive or None (LoRA's default), got {self.a_row_norm!r}")
         if self.budget is not None and self.budget <= 0:

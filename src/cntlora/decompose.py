@@ -23,19 +23,36 @@ DEFAULT_A_ROW_NORM = 1.0 / math.sqrt(3.0)
 @dataclass(frozen=True)
 class Spectrum:
     """The top singular triplets of ΔW and its total energy ||ΔW||_F² (None when ΔW was never
-    formed: the randomized path on an implicit ΔW sees only products with k vectors)."""
+    formed: the randomized path on an implicit ΔW sees only products with k vectors).
+
+    Under the objective truncation (objective_truncation), the rank-k part is Σ_{i<k} u_i·s_i·v_iᵀ
+    with u orthonormal and v of unit columns that need not be orthogonal; `gains` then holds what
+    each component removes from the constraints' objective, and `energy` that objective's total.
+    """
 
     u: Tensor  # m × k
     s: Tensor  # k
     v: Tensor  # n × k
     energy: Optional[float]
+    gains: Optional[Tensor] = None  # k, only under the objective truncation
+
+    @property
+    def component_energy(self) -> Tensor:
+        """What each component contributes to `energy`: σ², or the objective's gains."""
+        return self.s.pow(2) if self.gains is None else self.gains
+
+    @property
+    def sigma(self) -> Tensor:
+        """The descending singular values the truncation ranks by: of ΔW, or of ΔW·chol."""
+        return self.s if self.gains is None else self.gains.clamp_min(0).sqrt()
 
     def numerical_rank(self) -> int:
-        if self.s.numel() == 0 or float(self.s[0]) == 0.0:
+        sigma = self.sigma
+        if sigma.numel() == 0 or float(sigma[0]) == 0.0:
             return 0
         m, n = self.u.shape[0], self.v.shape[0]
-        tol = float(self.s[0]) * max(m, n) * torch.finfo(torch.float32).eps
-        return int((self.s > tol).sum())
+        tol = float(sigma[0]) * max(m, n) * torch.finfo(torch.float32).eps
+        return int((sigma > tol).sum())
 
 
 def _eigh(gram: Tensor):
@@ -152,6 +169,30 @@ def top_singular_implicit(op: MatrixProducts, k: int, seed: int = 0, niter: int 
     return Spectrum(u, s, v, None)
 
 
+def objective_truncation(delta: Tensor, chol: Tensor, k: int, seed: int = 0, randomized_above: int = 2048,
+                         niter: int = 4) -> Spectrum:
+    """The rank-1..k adapters that minimize the constraints' own objective, not ||ΔW − ΔW_k||_F.
+
+    The objective is a quadratic in ΔW with Hessian gram = chol·cholᵀ, minimized by `delta`:
+    J(X) = J(ΔW) + ||(X − ΔW)·chol||_F². Its rank-k minimizer (reduced-rank regression) is
+    U_k·U_kᵀ·ΔW, with U_k the top left singular vectors of ΔW·chol, and the ranks nest. The
+    components u_i·(ΔWᵀu_i)ᵀ come back as (u_i, ||ΔWᵀu_i||, ΔWᵀu_i / ||ΔWᵀu_i||), with gains σ_i² of
+    ΔW·chol and energy ||ΔW·chol||_F².
+    """
+    weighted = top_singular(delta @ chol, k, seed, randomized_above, niter)
+    rows = delta.T @ weighted.u  # n × k: the rows of U_kᵀ·ΔW
+    norms = torch.linalg.vector_norm(rows, dim=0)
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return Spectrum(weighted.u, norms, rows * inv, weighted.energy, weighted.s.pow(2))
+
+
+def ordered_basis(v: Tensor) -> Tensor:
+    """Orthonormal columns spanning v's first 1, 2, ... columns (Gram–Schmidt order, signs kept)."""
+    q, r = torch.linalg.qr(v)
+    signs = torch.sign(torch.diagonal(r))
+    return q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def generalized_directions(rhs: Tensor, chol: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """(ρ, Q): the k input directions that T = rhs·gram⁻¹ amplifies most, independent of W0.
 
@@ -207,7 +248,8 @@ def lora_factors(
 ) -> tuple:
     """(B m×rank, A rank×n, cap) for one layer.
 
-    subspace: A = the top right singular vectors at LoRA's default row norm, B = 0.
+    subspace: A = the top right singular vectors at LoRA's default row norm, B = 0 (under the
+    objective truncation, an orthonormal basis of its rank-r part's rows, in order).
     keep / residual: s·B·A = cap·(rank-r part of ΔW). Beyond ΔW's numerical rank, A gets
     random rows orthogonal to the kept ones and B zero columns.
     """
@@ -216,10 +258,11 @@ def lora_factors(
         raise CNTLoRAError(f"rank {rank} exceeds min(m, n) = {min(m, n)} of a {m}×{n} layer; lower r")
     kept = min(rank, spectrum.numerical_rank())
     u, s, v = spectrum.u[:, :kept], spectrum.s[:kept], spectrum.v[:, :kept]
+    basis = v if spectrum.gains is None else ordered_basis(v)
     gen = torch.Generator().manual_seed(seed)
-    pad = orthogonal_rows(v, rank - kept, gen) * a_row_norm
+    pad = orthogonal_rows(basis, rank - kept, gen) * a_row_norm
     if base == "subspace":
-        a = torch.cat([v.T * a_row_norm, pad])
+        a = torch.cat([basis.T * a_row_norm, pad])
         return torch.zeros(m, rank, dtype=a.dtype, device=a.device), a, 1.0
     cap = cap_factor(float(s.pow(2).sum()), w0_norm, strength)
     root = (s * cap / scale).sqrt()
@@ -229,13 +272,13 @@ def lora_factors(
 
 
 def component_scores(spectrum: Spectrum, w0_norm: float, score: str) -> Tensor:
-    """Score of each singular component: its share of ΔW's energy, or σ² / ||W0||²."""
+    """Score of each singular component: its share of ΔW's energy (of the constraints' objective under
+    the objective truncation), or σ² / ||W0||²."""
     if score == "energy" and spectrum.energy is None:
         raise CNTLoRAError("the 'energy' VAS score needs ||ΔW||², which the implicit randomized path does not form")
-    denom = spectrum.energy if score == "energy" else w0_norm**2
-    if denom <= 0:
-        return torch.zeros_like(spectrum.s)
-    return spectrum.s.pow(2) / denom
+    if score == "energy":
+        return spectrum.component_energy / spectrum.energy if spectrum.energy > 0 else torch.zeros_like(spectrum.s)
+    return spectrum.s.pow(2) / w0_norm**2 if w0_norm > 0 else torch.zeros_like(spectrum.s)
 
 
 def allocate_ranks(

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import CNTLoRAConfig, CNTLoRAError
 from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores,
-                        generalized_directions, lora_factors, randomized_range, ritz_triplets, top_singular)
+                        generalized_directions, lora_factors, objective_truncation, randomized_range, ritz_triplets, top_singular)
 from .layers import LayerSpec, base_layer, weight_matrix
 from .solver import mode_constraints, needs_pretrain, normal_equations, pretrain_moments
 from .statistics import Statistics
@@ -30,8 +30,8 @@ class LayerPlan:
     rank: int
     B: torch.Tensor  # m × rank, float32
     A: torch.Tensor  # rank × n, float32
-    singular_values: torch.Tensor  # the leading σ of ΔW (before the cap)
-    delta_energy: Optional[float]  # ||ΔW||_F²; None when ΔW was only used implicitly
+    singular_values: torch.Tensor  # the leading σ of ΔW (of ΔW·chol under truncation="objective"), before the cap
+    delta_energy: Optional[float]  # ||ΔW||_F² (||ΔW·chol||_F²); None when ΔW was only used implicitly
     w0_norm: float
     cap: float  # trust-region factor applied to ΔW_r (1 = none)
 
@@ -303,7 +303,8 @@ class _Solver:
                 b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
                 a = torch.zeros(0, spec.in_features, dtype=torch.float64)
                 cap = 1.0
-            layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.s, sp.energy, w0_norms[name], cap)
+            layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.sigma,
+                                     sp.energy, w0_norms[name], cap)
         timings = dict(self.timings)
         timings["decompose"] += time.perf_counter() - t0
         return Plan(config, layers, self.source, budget, timings, self.stats_info)
@@ -332,7 +333,9 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     # triangular solves with k right-hand sides are latency-bound (1.9 s for a 1B model on an
     # H200, against 0.3 s for forming every ΔW; docs/benchmarks.md), so ΔW is formed there.
     # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
-    implicit_allowed = device.type == "cpu" and not (config.vas and config.vas_score == "energy")
+    # The objective truncation weighs ΔW by the system's factor, so it forms ΔW too.
+    implicit_allowed = (device.type == "cpu" and not (config.vas and config.vas_score == "energy")
+                        and config.truncation == "frobenius")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
     # the last layer of each input: after it, release=True drops that input's sums
     last_of_group = {stats.groups[n]: n for n in stats.layers}
@@ -378,7 +381,9 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
         else:
             products = DenseProducts(system.delta(w0))
         clock.mark("solve")
-        if randomized:
+        if config.truncation == "objective":  # its SVD is of ΔW·chol, per layer
+            spectra[name] = objective_truncation(products.matrix, system.chol, k, config.seed, above, config.svd_niter)
+        elif randomized:
             ranges[name] = (*randomized_range(products, k, config.seed, config.svd_niter), k)
             if not implicit:
                 energies[name] = products.matrix.pow(2).sum()
@@ -395,5 +400,6 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     if energies:
         energies = dict(zip(energies, torch.stack(list(energies.values())).cpu().tolist()))
     for name, sp in spectra.items():
-        spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), energies.get(name, sp.energy))
+        spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), energies.get(name, sp.energy),
+                                 None if sp.gains is None else sp.gains.cpu())
     return spectra, w0_norms, clock.totals()
