@@ -136,13 +136,13 @@ def test_missing_seeds(tmp_path, capsys):
             + _grid("lm-fewshot", "corda", (0.9, 0.7, 0.5)) + [("lm-fewshot+edges", "corda", 0, 1e-4, 0.95)]
             + _grid("lm", "default", (0.5, 0.9, 0.7)))  # another table: not this group's
     tables = run_all.read_logs([_write_log(tmp_path / "runs.jsonl", runs, steps)])
-    assert run_all.missing_specs("lm-fewshot", tables, 5) == [
+    assert run_all.missing_specs("lm-fewshot", tables, range(5)) == [
         run_all.Spec("lm-fewshot+missing", "lm-fewshot", ["default"], [3, 4], [1e-3], 50),
         run_all.Spec("lm-fewshot+missing", "lm-fewshot", ["eva"], [1, 2, 3, 4], [3e-4], 50)]
     out = capsys.readouterr().out
     assert "lm-fewshot gaussian has no lr search logged" in out
     assert "lm-fewshot olora chose 0.0003, the edge of the grid; run the edges group first" in out
-    assert run_all.missing_specs("lm", tables, 5) == [run_all.Spec("lm+missing", "lm", ["default"], [1, 2, 3, 4], [1e-3], 100)]
+    assert run_all.missing_specs("lm", tables, range(5)) == [run_all.Spec("lm+missing", "lm", ["default"], [1, 2, 3, 4], [1e-3], 100)]
     for group in ("lm-fewshot-missing", "lm-missing"):  # no logs: nothing to run
         assert run_all.main(["--dry-run", "--only", group, "--lr-from"]) == 0
         assert "nothing to run" in capsys.readouterr().out

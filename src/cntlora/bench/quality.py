@@ -458,6 +458,10 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
 
     from .tasks import make_task
 
+    selecting = [spec.name for spec in specs if spec.select_seeds is not None]
+    if len(set(selecting)) < len(selecting):
+        raise CNTLoRAError(f"specs that select an lr need their own names (run_many counts their runs by name); "
+                           f"rename the repeated ones among {sorted(selecting)}")
     built = {}
     for spec in specs:
         for label in spec.methods:
