@@ -94,6 +94,25 @@ def test_summarize_picks_lr_on_val_not_test_and_counts_steps_to_target():
     assert s["best_baseline"] == "default"
 
 
+def test_fresh_seed_check_uses_only_the_fresh_seeds():
+    runs = []
+    for seed in range(10):
+        # seeds 0-4: cntlora-cross far ahead; the fresh seeds 5-9: exactly as good as default, up to noise
+        ahead = 0.2 if seed < 5 else 0.001 * (-1) ** seed
+        runs.append(_fake_run("default", seed, 1e-3, {0: 0.1, 20: 0.8}, 0.70 + 0.01 * seed))
+        runs.append(_fake_run("cntlora-cross", seed, 1e-3, {0: 0.1, 20: 0.8}, 0.70 + 0.01 * seed + ahead))
+    runs += [_fake_run("eva", seed, 1e-3, {0: 0.1, 20: 0.7}, 0.6) for seed in range(5)]  # no fresh seeds
+    s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
+    assert s["methods"]["cntlora-cross"]["vs_default"]["verdict"] == "win"  # all ten seeds
+    check = quality.fresh_seed_check(s)
+    assert set(check) == {"default", "cntlora-cross"}  # eva ran no fresh seed
+    assert check["cntlora-cross"]["seeds"] == 5 and check["cntlora-cross"]["vs_default"]["verdict"] == "tie"
+    assert check["cntlora-cross"]["test_mean"] == pytest.approx(0.77 + 0.001 * (-1 + 1 - 1 + 1 - 1) / 5)
+    assert check["default"]["vs_default"] is None
+    table = quality.format_fresh_table(s, check)
+    assert table.startswith("### t, fresh seeds 5-9 (") and "| cntlora-cross | " in table
+
+
 def test_parse_label():
     assert parse_label("cntlora-cross@ridge=0.1,base=residual,strength=none") == (
         "cntlora-cross", {"ridge": 0.1, "base": "residual", "strength": None})

@@ -149,6 +149,15 @@ def test_init_with_objective_truncation(workdir, capsys):
     assert "total: 13/13 layers adapted" in stdout
 
 
+def test_init_with_a_row_norm_and_vas(workdir, capsys):
+    out = workdir / "adapter-row-norm"
+    code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", out, "--r", 4, "--vas",
+                           "--a-row-norm", 1, "--quiet")
+    assert code == 0, err
+    meta = json.loads((out / "cntlora.json").read_text())
+    assert meta["config"]["a_row_norm"] == 1.0 and meta["config"]["vas"] is True
+
+
 def test_statistics_round_trip(workdir, capsys):
     stats = workdir / "stats.safetensors"
     code, first, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a1",
@@ -212,6 +221,7 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--vas"], "vas=False"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--truncation", "objective"],
      "truncation='frobenius'"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--a-row-norm", "-1"], "a_row_norm must be positive"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "1kB", "--quiet"], "raise the cap"),
     (["inspect", "{w}"], "not an adapter folder"),
     (["export", "{w}/nothing", "{w}/y"], "not an adapter folder"),

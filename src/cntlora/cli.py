@@ -286,7 +286,7 @@ def cmd_init(args) -> int:
         gamma=args.gamma, pretrain_source=args.pretrain_source, ridge=args.ridge, shift_alignment=args.shift_alignment,
         strength=args.strength, use_rslora=args.rslora, vas=args.vas, budget=args.budget, r_min=args.r_min,
         r_max=args.r_max, vas_score=args.vas_score, seed=args.seed, directions=args.directions,
-        truncation=args.truncation,
+        truncation=args.truncation, a_row_norm=args.a_row_norm,
     )
     model, tokenizer = load_model(args.model, seed=args.seed)
     lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
@@ -472,6 +472,9 @@ def _add_init(subparsers, common):
     c.add_argument("--directions", choices=DIRECTIONS, default="delta",
                    help="A's directions in subspace mode: ΔW's singular vectors (delta) or the system's "
                         "generalized eigenvectors (generalized; Self or Cross, no VAS)")
+    c.add_argument("--a-row-norm", type=float, default=None,
+                   help="row norm of A in subspace mode (default: PEFT's 1/sqrt(3)); 1 with --vas beat the best PEFT "
+                        "init on few-shot MobileNetV2 (docs/benchmarks.md)")
     c.add_argument("--truncation", choices=TRUNCATIONS, default="frobenius",
                    help="how ΔW becomes rank r: its top singular components (frobenius) or the rank-r update "
                         "that minimizes the constraints' own objective (objective)")

@@ -75,6 +75,9 @@ class Task:
 # method labels: "cntlora-cross@ridge=0.1,base=residual" = a method plus setting overrides
 
 HARNESS_KEYS = ("calib",)  # overrides the harness handles itself (calibration size)
+# Seeds run only after the settings they check were picked on seeds 0-4 (bench/quality/run_all.py's
+# confirm group): differences on them alone are free of that choice.
+FRESH_SEEDS = range(5, 10)
 
 
 def _parse_value(text: str):
@@ -739,6 +742,40 @@ def run(args) -> int:
     return 0
 
 
+def fresh_seed_check(summary: dict, seeds=FRESH_SEEDS) -> dict:
+    """{label: paired differences against default and the best baseline on `seeds` alone}, for every label
+    that ran all of them, the reference and the best baseline included where they did."""
+    hib = summary["higher_is_better"]
+    by_seed = {label: {int(s): v for s, v in m["test_by_seed"].items() if int(s) in seeds}
+               for label, m in summary["methods"].items()}
+    ran = {label: b for label, b in by_seed.items() if set(b) >= set(seeds)}
+    out = {}
+    for label, b in ran.items():
+        out[label] = {"test_mean": sum(b.values()) / len(b), "seeds": len(b),
+                      **{key: paired_difference(b, ran[other], hib) if other in ran and other != label else None
+                         for key, other in (("vs_default", summary["reference"]),
+                                            ("vs_best_baseline", summary["best_baseline"]))}}
+    return out
+
+
+def format_fresh_table(summary: dict, check: dict, seeds=FRESH_SEEDS) -> str:
+    """The markdown table of fresh_seed_check, headed like format_table's with the seeds named."""
+    rows = [f"### {summary['task']}, fresh seeds {min(seeds)}-{max(seeds)} ({summary['metric']}, "
+            f"{'higher' if summary['higher_is_better'] else 'lower'} is better; best baseline "
+            f"{summary['best_baseline']}, chosen on validation over all seeds)", "",
+            "| method | test mean | seeds | Δ vs default [95% CI] | Δ vs best baseline [95% CI] |", "|---|---|---|---|---|"]
+    for label, c in check.items():
+        rows.append(f"| {label} | {c['test_mean']:.4f} | {c['seeds']} | {_delta(c['vs_default'])} | "
+                    f"{_delta(c['vs_best_baseline'])} |")
+    return "\n".join(rows)
+
+
+def _delta(d) -> str:
+    if not d:
+        return "–"
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {d['verdict']}"
+
+
 def format_table(summary: dict) -> str:
     """A markdown table: method, lr, test mean ± std, steps-to-target, init seconds, paired deltas."""
     rows = [f"### {summary['task']} ({summary['metric']}, {'higher' if summary['higher_is_better'] else 'lower'} is better, "
@@ -746,11 +783,7 @@ def format_table(summary: dict) -> str:
             "| method | lr | test mean ± std | seeds | steps-to-target | loss AUC | init s | Δ vs default [95% CI] | Δ vs best baseline [95% CI] |",
             "|---|---|---|---|---|---|---|---|---|"]
 
-    def delta(d):
-        if not d:
-            return "–"
-        return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {d['verdict']}"
-
+    delta = _delta
     for label, m in summary["methods"].items():
         stt = m.get("steps_to_target")
         rows.append(f"| {label} | {m['lr']:g} | {m['test_mean']:.4f} ± {m['test_std']:.4f} | {m['seeds']} | "
