@@ -48,7 +48,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from cntlora.bench.baselines import METHODS
-from cntlora.bench.quality import Spec, choose_lr, first_seeds, load_runs, parse_label, run_many, sensitivity_labels
+from cntlora.bench.quality import (FRESH_SEEDS, Spec, choose_lr, first_seeds, load_runs, parse_label, run_many,
+                                   sensitivity_labels)
 
 LRS = [3e-4, 1e-3, 3e-3]
 # where CNTLoRA might lose, the settings worth checking: base handling, pre-training source, VAS score
@@ -110,10 +111,9 @@ EXPLORE.update({t: OBJECTIVE + ["cntlora-cross@base=residual,strength=None", "cn
 
 
 # The explore group's wins over the best PEFT init (seeds 0-4) came out of about ten settings per table, so
-# each is checked on fresh seeds 5-9, decided before those seeds ran, against the PEFT inits that
+# each is checked on fresh seeds (quality.FRESH_SEEDS, 5-9), decided before those seeds ran, against the PEFT inits that
 # could be best there (EVA and CorDA left out on lm, where they trail PiSSA by 0.3 and 0.6 with tight CIs
 # and cost 2 min per init) and the settings' own plain forms.
-CONFIRM_SEEDS = range(5, 10)
 CONFIRM = {"lm": ["default", "gaussian", "pissa_niter_4", "olora", "lora_ga", UNCAPPED_RESIDUAL,
                   "cntlora-cross@base=residual,strength=None"],
            "text": ["default", "gaussian", "eva", "lora_ga", "cntlora-self-vas", "cntlora-cross-vas",
@@ -351,7 +351,7 @@ def main(argv=None):
                 "explore-missing": lambda: [s for t, labels in EXPLORE.items()
                                             for s in missing_specs(t, tables, range(a.seeds), labels, check_edges=False)],
                 "confirm": lambda: [s for t, labels in CONFIRM.items()
-                                    for s in missing_specs(t, tables, CONFIRM_SEEDS, labels, "confirm", check_edges=False)]}
+                                    for s in missing_specs(t, tables, FRESH_SEEDS, labels, "confirm", check_edges=False)]}
     if a.only:
         specs = select(specs, a.only, {name: builders[name]() for name in FOLLOW_UPS if name in a.only})
     if a.tables:

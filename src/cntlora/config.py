@@ -58,7 +58,8 @@ class CNTLoRAConfig:
         own objective (reduced-rank regression: U_r·U_rᵀ·ΔW, U_r the top left singular vectors
         of ΔW·chol(gram)), which weighs the inputs as the data does (docs/method.md). It forms
         ΔW in every layer; VAS's "energy" score becomes each component's share of the objective.
-        In the quality benchmark it tied or lost against "frobenius", so it stays opt-in.
+        In the quality benchmark it won with VAS on vision (800 examples), lost on the few-shot
+        language model and tied elsewhere, so it stays opt-in.
     randomized_svd_above: layers with min(m, n) above this use a seeded randomized SVD (on the
         CPU, layers above 2048 without forming ΔW). None picks 256 on every device: the exact
         path cost ~2.5 s of a 1B model's init on an H200 and 8 s of SmolLM2's on 2 CPU cores.

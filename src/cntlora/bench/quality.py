@@ -783,10 +783,9 @@ def format_table(summary: dict) -> str:
             "| method | lr | test mean ± std | seeds | steps-to-target | loss AUC | init s | Δ vs default [95% CI] | Δ vs best baseline [95% CI] |",
             "|---|---|---|---|---|---|---|---|---|"]
 
-    delta = _delta
     for label, m in summary["methods"].items():
         stt = m.get("steps_to_target")
         rows.append(f"| {label} | {m['lr']:g} | {m['test_mean']:.4f} ± {m['test_std']:.4f} | {m['seeds']} | "
                     f"{'–' if stt is None else stt} | {m['loss_auc']:.4f} | {m['init_seconds']:.2f} | "
-                    f"{delta(m['vs_default'])} | {delta(m['vs_best_baseline'])} |")
+                    f"{_delta(m['vs_default'])} | {_delta(m['vs_best_baseline'])} |")
     return "\n".join(rows)
