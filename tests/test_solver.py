@@ -14,14 +14,15 @@ from helpers import TwoLayerMLP, capture_inputs, feature_batches
 RIDGE = 1e-2
 
 
-def brute_force(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
+def brute_force(w0, x_f, x_p, mode, gamma, ridge, alignment="diag", floor="trace"):
     """Stack sqrt(w_k/N_k)·x rows per constraint plus sqrt(λ)·I rows, and lstsq for ΔWᵀ."""
-    rows, targets = stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment)
+    rows, targets = stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment, floor)
     return torch.linalg.lstsq(rows, targets, driver="gelsd").solution.T
 
 
-def stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
-    """(Z, T) with the constraints' objective J(ΔW) = ||Z·ΔWᵀ − T||_F², from raw activations."""
+def stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment="diag", floor="trace"):
+    """(Z, T) with the constraints' objective J(ΔW) = ||Z·ΔWᵀ − T||_F², from raw activations.
+    floor: Shift's eigenvalue floor, λ ("trace") or ridge times the largest eigenvalue of C_f ("max")."""
     w0 = w0.double()
     n = w0.shape[1]
     mu_f = x_f.mean(0)
@@ -46,11 +47,12 @@ def stacked_system(w0, x_f, x_p, mode, gamma, ridge, alignment="diag"):
             s_f = c_f - torch.outer(mu_f, mu_f)
             c_p = x_p.T @ x_p / len(x_p)
             s_p = c_p - torch.outer(mu_p, mu_p)
+            fl = lam if floor == "trace" else ridge * torch.linalg.eigvalsh(c_f)[-1]
             if alignment == "diag":
-                a_s = torch.diag(torch.sqrt((torch.diagonal(s_p) + lam) / (torch.diagonal(s_f) + lam)))
+                a_s = torch.diag(torch.sqrt((torch.diagonal(s_p) + fl) / (torch.diagonal(s_f) + fl)))
             else:
-                ep, vp = torch.linalg.eigh(s_p + lam * torch.eye(n, dtype=x.dtype))
-                ef, vf = torch.linalg.eigh(s_f + lam * torch.eye(n, dtype=x.dtype))
+                ep, vp = torch.linalg.eigh(s_p + fl * torch.eye(n, dtype=x.dtype))
+                ef, vf = torch.linalg.eigh(s_f + fl * torch.eye(n, dtype=x.dtype))
                 a_s = (vp * ep.sqrt()) @ vp.T @ (vf / ef.sqrt()) @ vf.T
             transformed = (x - mu_f) @ a_s.T + mu_p
             t = (transformed - x) @ w0.T
@@ -390,3 +392,21 @@ def test_objective_truncation_refuses_generalized_directions():
         CNTLoRAConfig(directions="generalized", truncation="objective")
     with pytest.raises(cntlora.CNTLoRAError, match="unknown truncation"):
         CNTLoRAConfig(truncation="nuclear")
+
+
+@pytest.mark.parametrize("alignment", ["diag", "full"])
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_shift_floor_relative_to_the_largest_eigenvalue_matches_brute_force(collected, alignment, layer):
+    model, stats, raw_f, raw_p = collected
+    w0 = weight_matrix(dict(model.named_modules())[layer], stats.layers[layer]).detach()
+    fine = stats.moments(layer)
+    pre = stats.moments(layer, "reference")
+    got = {}
+    for floor in ("trace", "max"):
+        cfg = CNTLoRAConfig(mode="shift", shift_alignment=alignment, shift_floor=floor, ridge=RIDGE)
+        got[floor] = solve_delta(w0, fine, pre, mode_constraints(cfg), RIDGE)
+        want = brute_force(w0, raw_f[layer], raw_p[layer], "shift", 0.0, RIDGE, alignment, floor)
+        assert rel(got[floor], want) < 1e-5
+    assert rel(got["max"], got["trace"]) > 1e-3  # the floor changes the update
+    with pytest.raises(cntlora.CNTLoRAError, match="unknown shift_floor"):
+        CNTLoRAConfig(shift_floor="median")

@@ -25,8 +25,8 @@ from typing import List, Optional
 # before transformers is imported anywhere: there is no model hub to reach
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .config import (BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, TRUNCATIONS, VAS_SCORES,  # noqa: E402
-                     CNTLoRAConfig, CNTLoRAError)
+from .config import (BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, SHIFT_FLOORS, TRUNCATIONS,  # noqa: E402
+                     VAS_SCORES, CNTLoRAConfig, CNTLoRAError)
 
 PACKAGED_MODELS = ("minilm", "smollm2", "mobilenetv2")
 PACKAGED_DATA = ("bbc-news", "shakespeare", "fashion-mnist")
@@ -284,6 +284,7 @@ def cmd_init(args) -> int:
     config = CNTLoRAConfig(
         mode=args.mode, r=args.r, alpha=args.alpha if args.alpha is not None else float(args.r), base=args.base,
         gamma=args.gamma, pretrain_source=args.pretrain_source, ridge=args.ridge, shift_alignment=args.shift_alignment,
+        shift_floor=args.shift_floor,
         strength=args.strength, use_rslora=args.rslora, vas=args.vas, budget=args.budget, r_min=args.r_min,
         r_max=args.r_max, vas_score=args.vas_score, seed=args.seed, directions=args.directions,
         truncation=args.truncation, a_row_norm=args.a_row_norm,
@@ -469,6 +470,8 @@ def _add_init(subparsers, common):
                    help="default: reference if --reference is given, else weights")
     c.add_argument("--ridge", type=float, default=1e-2, help="relative ridge (default 1e-2)")
     c.add_argument("--shift-alignment", choices=SHIFT_ALIGNMENTS, default="diag")
+    c.add_argument("--shift-floor", choices=SHIFT_FLOORS, default="trace",
+                   help="Shift's eigenvalue floor: ridge·tr(C_f)/n (trace) or ridge·λ_max(C_f) (max)")
     c.add_argument("--directions", choices=DIRECTIONS, default="delta",
                    help="A's directions in subspace mode: ΔW's singular vectors (delta) or the system's "
                         "generalized eigenvectors (generalized; Self or Cross, no VAS)")

@@ -9,6 +9,7 @@ MODES = ("self", "cross", "shift")
 BASES = ("subspace", "residual", "keep")
 PRETRAIN_SOURCES = ("reference", "weights", "isotropic")
 SHIFT_ALIGNMENTS = ("diag", "full")
+SHIFT_FLOORS = ("trace", "max")
 VAS_SCORES = ("energy", "weight")
 DIRECTIONS = ("delta", "generalized")
 TRUNCATIONS = ("frobenius", "objective")
@@ -41,6 +42,9 @@ class CNTLoRAConfig:
         reference statistics exist, else "weights".
     ridge: relative ridge, lambda = ridge · trace(sum_k w_k C_k) / n.
     shift_alignment: "diag" (per feature) or "full" (whitening + recolouring).
+    shift_floor: the eigenvalue floor of Shift's alignment: the system's λ = ridge·tr(C_f)/n
+        ("trace", default) or ridge·λ_max(C_f) ("max"), which bounds how far the alignment
+        stretches low-variance directions (METHOD.md direction 2).
     strength: trust region tau; ΔW_r is scaled by min(1, tau·||W0||/||ΔW_r||) whenever it
         enters the weights (base "keep" or "residual"). None disables it.
     vas, budget, r_min, r_max, vas_score: variable ranks under a parameter budget.
@@ -76,6 +80,7 @@ class CNTLoRAConfig:
     pretrain_source: Optional[str] = None
     ridge: float = 1e-2
     shift_alignment: str = "diag"
+    shift_floor: str = "trace"
     strength: Optional[float] = 0.05
     use_rslora: bool = False
     vas: bool = False
@@ -98,6 +103,7 @@ class CNTLoRAConfig:
         if self.pretrain_source is not None:
             _choice("pretrain_source", self.pretrain_source, PRETRAIN_SOURCES)
         _choice("shift_alignment", self.shift_alignment, SHIFT_ALIGNMENTS)
+        _choice("shift_floor", self.shift_floor, SHIFT_FLOORS)
         _choice("vas_score", self.vas_score, VAS_SCORES)
         if not isinstance(self.r, int) or self.r < 1:
             raise CNTLoRAError(f"r must be a positive integer, got {self.r!r}")

@@ -103,17 +103,33 @@ def alignment_matrix(fine: Moments, pretrain: Moments, lam: float, alignment: st
     raise CNTLoRAError(f"unknown shift_alignment {alignment!r}; use 'diag' or 'full'")
 
 
-def align_moments(alignment: str = "diag", weight: float = 1.0) -> Constraint:
-    """(W0 + ΔW) x ≈ W0 T(x) with T(x) = A_s (x − mu_f) + mu_p, i.e. R = A_s − I, q = mu_p − A_s mu_f."""
+def alignment_floor(ctx: SolveContext, floor: str) -> float:
+    """The eigenvalue floor of the alignment: the system's λ = ridge·tr(C_f)/n ("trace"), or
+    ridge·λ_max(C_f) ("max"), the same ridge taken relative to the largest eigenvalue, so that
+    directions far below the top are not stretched by up to sqrt(λ_max/λ)."""
+    if floor == "trace":
+        return ctx.lam
+    if floor == "max":
+        second = ctx.fine.second
+        mean_eig = float(torch.trace(second)) / second.shape[0]
+        return ctx.lam * float(torch.linalg.eigvalsh(second)[-1]) / mean_eig if mean_eig > 0 else ctx.lam
+    raise CNTLoRAError(f"unknown shift_floor {floor!r}; use 'trace' or 'max'")
+
+
+def align_moments(alignment: str = "diag", weight: float = 1.0, floor: str = "trace") -> Constraint:
+    """(W0 + ΔW) x ≈ W0 T(x) with T(x) = A_s (x − mu_f) + mu_p, i.e. R = A_s − I, q = mu_p − A_s mu_f.
+
+    floor: the eigenvalue floor of A_s (alignment_floor)."""
 
     def target(ctx: SolveContext) -> Target:
-        a_s = alignment_matrix(ctx.fine, ctx.pretrain, ctx.lam, alignment)
+        a_s = alignment_matrix(ctx.fine, ctx.pretrain, alignment_floor(ctx, floor), alignment)
         if a_s.dim() == 1:
             return a_s - 1.0, ctx.pretrain.mean - a_s * ctx.fine.mean
         eye = torch.eye(a_s.shape[0], dtype=a_s.dtype, device=a_s.device)
         return a_s - eye, ctx.pretrain.mean - a_s @ ctx.fine.mean
 
-    return Constraint("fine", weight, target, name=f"align_moments[{alignment}]", uses_pretrain=True)
+    name = f"align_moments[{alignment}]" if floor == "trace" else f"align_moments[{alignment}, floor={floor}]"
+    return Constraint("fine", weight, target, name=name, uses_pretrain=True)
 
 
 def mode_constraints(config: CNTLoRAConfig) -> list:
@@ -125,7 +141,7 @@ def mode_constraints(config: CNTLoRAConfig) -> list:
     if config.mode == "cross":
         cons = [reproduce_frozen("fine")]
         return cons + ([vanish("pretrain", config.gamma)] if config.gamma > 0 else [])
-    return [align_moments(config.shift_alignment)]
+    return [align_moments(config.shift_alignment, floor=config.shift_floor)]
 
 
 def needs_pretrain(constraints: Sequence[Constraint]) -> bool:
