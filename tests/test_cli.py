@@ -149,6 +149,15 @@ def test_init_with_objective_truncation(workdir, capsys):
     assert "total: 13/13 layers adapted" in stdout
 
 
+def test_init_with_shift_floor(workdir, capsys):
+    out = workdir / "adapter-shift-floor"
+    code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", out, "--r", 4,
+                           "--mode", "shift", "--shift-floor", "max", "--quiet")
+    assert code == 0, err
+    meta = json.loads((out / "cntlora.json").read_text())
+    assert meta["config"]["shift_floor"] == "max" and meta["config"]["mode"] == "shift"
+
+
 def test_init_with_a_row_norm_and_vas(workdir, capsys):
     out = workdir / "adapter-row-norm"
     code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", out, "--r", 4, "--vas",
