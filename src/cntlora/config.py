@@ -44,7 +44,8 @@ class CNTLoRAConfig:
     shift_alignment: "diag" (per feature) or "full" (whitening + recolouring).
     shift_floor: the eigenvalue floor of Shift's alignment: the system's λ = ridge·tr(C_f)/n
         ("trace", default) or ridge·λ_max(C_f) ("max"), which bounds how far the alignment
-        stretches low-variance directions (METHOD.md direction 2).
+        stretches low-variance directions (METHOD.md direction 2); in the benchmark it tied
+        "trace".
     strength: trust region tau; ΔW_r is scaled by min(1, tau·||W0||/||ΔW_r||) whenever it
         enters the weights (base "keep" or "residual"). None disables it.
     vas, budget, r_min, r_max, vas_score: variable ranks under a parameter budget.
