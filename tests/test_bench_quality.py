@@ -61,6 +61,59 @@ def test_t_quantile_matches_the_t_distribution():
         assert abs(t_quantile(0.975, df) - scipy_stats.t.ppf(0.975, df)) < 1e-4
 
 
+def test_paired_difference_p_is_the_paired_t_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ours = {0: 0.74, 1: 0.75, 2: 0.73, 3: 0.76, 4: 0.745, 5: 0.741}
+    for shift in (0.0, 0.003, 0.01, 0.05):
+        theirs = {s: v - shift + 0.004 * (-1) ** s * (s % 3) for s, v in ours.items()}
+        d = paired_difference(ours, theirs, higher_is_better=True)
+        expected = scipy_stats.ttest_rel(list(ours.values()), [theirs[s] for s in ours]).pvalue
+        assert d["p"] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+        # the interval excludes zero exactly when p < 0.05
+        assert (d["verdict"] != "tie") == (d["p"] < 0.05)
+    assert paired_difference(ours, ours, True)["p"] == 1.0
+    assert paired_difference(ours, {s: v - 0.01 for s, v in ours.items()}, True)["p"] == 0.0
+
+
+def test_t_cdf_matches_the_t_distribution_on_both_sides():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (2, 9, 19):
+        for x in (-6.0, -2.1, -0.3, 0.0, 0.7, 3.3, 8.0):
+            assert quality.t_cdf(x, df) == pytest.approx(scipy_stats.t.cdf(x, df), abs=1e-7)
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    # brute force from the definition: sort ascending, multiply the i-th smallest (0-based) by m - i,
+    # take the running maximum, cap at 1
+    p = {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}
+    assert quality.holm(p) == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert quality.holm({"x": 0.3, "y": 0.6}) == pytest.approx({"x": 0.6, "y": 0.6})
+    assert quality.holm({"only": 0.02}) == {"only": 0.02}
+    assert quality.holm({}) == {}
+
+
+def test_against_every_baseline_needs_the_seeds_and_corrects_per_row():
+    runs = []
+    for seed in range(12):
+        noise = 0.002 * (-1) ** seed
+        runs.append(_fake_run("default", seed, 1e-3, {0: 0.1, 20: 0.80}, 0.70 + noise))
+        runs.append(_fake_run("lora_ga", seed, 1e-3, {0: 0.1, 20: 0.85}, 0.72 - noise))
+        runs.append(_fake_run("cntlora-self", seed, 1e-3, {0: 0.1, 20: 0.84}, 0.73 + 0.001 * (seed % 3)))
+    runs += [_fake_run("eva", seed, 1e-3, {0: 0.1, 20: 0.9}, 0.9) for seed in range(5)]  # too few seeds
+    runs += [_fake_run("cntlora-cross", seed, 1e-3, {0: 0.1, 20: 0.9}, 0.9) for seed in range(5)]
+    s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
+    every = quality.against_every_baseline(s)
+    assert set(every) == {"cntlora-self"} and set(every["cntlora-self"]) == {"default", "lora_ga"}
+    row = every["cntlora-self"]
+    assert row["default"]["mean"] == pytest.approx(0.031, abs=1e-3) and row["default"]["seeds"] == 12
+    assert row["default"]["p_holm"] == pytest.approx(min(1, 2 * min(r["p"] for r in row.values())))
+    assert row["lora_ga"]["p_holm"] >= row["lora_ga"]["p"]
+    table = quality.format_every_baseline_table(s, every)
+    assert table.startswith("### t against every PEFT init (") and "| cntlora-self | +0.0310 (12 seeds" in table
+    assert "**win**" in table
+    assert quality.against_every_baseline(s, min_seeds=13) == {}
+
+
 def test_paired_difference_verdicts():
     ours = {0: 0.90, 1: 0.91, 2: 0.92, 3: 0.93, 4: 0.94}
     theirs = {s: v - 0.05 + 0.001 * s for s, v in ours.items()}

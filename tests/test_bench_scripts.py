@@ -148,6 +148,35 @@ def test_missing_seeds(tmp_path, capsys):
         assert "nothing to run" in capsys.readouterr().out
 
 
+def test_confirm2_runs_the_fixed_labels_on_seeds_10_to_19_and_fills_5_to_9(tmp_path):
+    runs = []
+    for table in ("vision-fewshot", "text-fewshot"):
+        for label in run_all.CONFIRM2[table]:
+            runs += _grid(table, label, (0.5, 0.9, 0.7))  # each chose 1e-3
+            done = range(1, 10) if label not in ("eva", "corda") or table == "vision-fewshot" else range(1, 5)
+            runs += [(f"{table}+confirm", label, s, 1e-3, 0.9) for s in done]
+    runs.append(("vision-fewshot+confirm2", "default", 10, 1e-3, 0.9))  # already logged: not run again
+    tables = run_all.read_logs([_write_log(tmp_path / "runs.jsonl", runs)])
+    specs = run_all.main(["--dry-run", "--only", "confirm2", "--lr-from", str(tmp_path / "runs.jsonl")])
+    assert specs == 0
+    built = [s for t, labels in run_all.CONFIRM2.items()
+             for s in run_all.missing_specs(t, tables, run_all.CONFIRM2_SEEDS[t], labels, "confirm2", check_edges=False)]
+    seeds = {(s.task, m): list(s.seeds) for s in built for m in s.methods}
+    assert seeds[("vision-fewshot", "default")] == list(range(11, 20))
+    assert seeds[("vision-fewshot", "cntlora-self-vas@a_row_norm=1")] == list(range(10, 20))
+    assert seeds[("text-fewshot", "eva")] == list(range(5, 20)) and seeds[("text-fewshot", "lora_ga")] == list(range(10, 20))
+    assert set(seeds) == {(t, m) for t, labels in run_all.CONFIRM2.items() for m in labels}
+    assert all(s.lrs == [1e-3] and s.select_seeds is None for s in built)
+
+
+def test_candidate_group_searches_one_step_up_on_seed_0():
+    specs = run_all.select(run_all.plan("full", 5, 100), ["candidate"])
+    assert {s.task: s.methods for s in specs} == run_all.CANDIDATE
+    for s in specs:
+        assert s.lrs == [*run_all.LRS, 1e-2] and s.select_seeds == 1 and list(s.seeds) == list(range(5))
+        assert s.steps == (50 if s.task == "lm-fewshot" else 100)
+
+
 def test_variants_group_searches_the_lr_on_seed_0():
     specs = run_all.select(run_all.plan("full", 5, 100), ["variants"])
     assert {s.task: s.methods for s in specs} == run_all.VARIANTS_GPU

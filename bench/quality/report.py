@@ -8,8 +8,10 @@ latest line wins (cntlora.bench.quality.load_runs). A spec named TABLE+PART (e.g
 than '-fewshot') go into summary.json; '*-sensitivity' tables get sensitivity-<task>.png;
 '*-smoke' specs are checked for finite numbers only. --docs replaces, in that markdown file,
 each table whose '### TASK (' heading a new table has, so the docs show the logged numbers.
-Tables where the confirm group ran seeds 5-9 also get '### TASK, fresh seeds 5-9 (' tables: the
-paired differences on those seeds alone, which ran after the settings they check were chosen.
+Tables where the confirm group ran seeds 5-9 (confirm2: 10-19) also get '### TASK, fresh seeds 5-9 ('
+tables: the paired differences on those seeds alone, which ran after the settings they check were
+chosen; and '### TASK against every PEFT init (' tables: each CNTLoRA setting with 10 seeds or more
+against each PEFT init with as many, with Holm's correction over the PEFT inits.
 """
 
 import argparse
@@ -17,7 +19,8 @@ import math
 import sys
 from pathlib import Path
 
-from cntlora.bench.quality import (format_fresh_table, format_table, fresh_seed_check, load_runs, plot_sensitivity,
+from cntlora.bench.quality import (FRESH_SEEDS, SECOND_FRESH_SEEDS, against_every_baseline, format_every_baseline_table,
+                                   format_fresh_table, format_table, fresh_seed_check, load_runs, plot_sensitivity,
                                    plot_task, summarize, summary_entry, update_summary, write_json)
 
 
@@ -49,10 +52,15 @@ def main(argv=None):
             update_summary(out / "summary.json", name, summary_entry(summary))
             plot_task(summary, out)
         tables.append(format_table(summary) + (f"\n\nnon-finite runs: {bad}" if bad else ""))
-        check = fresh_seed_check(summary)
-        if len(check) > 1:  # the confirm group ran here: its differences on the fresh seeds alone
-            write_json(out / f"quality-{name}-fresh-seeds.json", check)
-            tables.append(format_fresh_table(summary, check))
+        for seeds, suffix in ((FRESH_SEEDS, ""), (SECOND_FRESH_SEEDS, "-10-19")):
+            check = fresh_seed_check(summary, seeds)
+            if len(check) > 1:  # a confirm group ran here: its differences on those fresh seeds alone
+                write_json(out / f"quality-{name}-fresh-seeds{suffix}.json", check)
+                tables.append(format_fresh_table(summary, check, seeds))
+        every = against_every_baseline(summary)
+        if every:
+            write_json(out / f"quality-{name}-every-baseline.json", every)
+            tables.append(format_every_baseline_table(summary, every))
     (out / "quality-tables.md").write_text("\n\n".join(tables) + "\n")
     print("\n\n".join(tables))
     if a.docs:

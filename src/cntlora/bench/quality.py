@@ -78,6 +78,9 @@ HARNESS_KEYS = ("calib",)  # overrides the harness handles itself (calibration s
 # Seeds run only after the settings they check were picked on seeds 0-4 (bench/quality/run_all.py's
 # confirm group): differences on them alone are free of that choice.
 FRESH_SEEDS = range(5, 10)
+# The sixth session's confirmation (run_all.py's confirm2 group): seeds 10-19, fixed before they ran, for
+# the settings that had won on 0-9 only narrowly or against some PEFT inits and not others.
+SECOND_FRESH_SEEDS = range(10, 20)
 
 
 def _parse_value(text: str):
@@ -279,22 +282,35 @@ def results_dict(task: Task, steps: int, runs: list) -> dict:
 # statistics
 
 
-def t_quantile(p: float, df: int) -> float:
-    """Student-t quantile by bisection on its CDF (numeric integration of the density); no scipy needed."""
+def t_cdf(x: float, df: int) -> float:
+    """P(T <= x) for Student's t with df degrees of freedom (Simpson on the density); no scipy needed."""
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    f = lambda t: math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+    a = abs(x)
+    n = 2000
+    h = a / n
+    half = (f(0) + f(a) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))) * h / 3
+    return 0.5 + half if x >= 0 else 0.5 - half
 
-    def cdf(x):  # P(T <= x) for x >= 0: 1/2 + integral of the density from 0 to x (Simpson)
-        n = 2000
-        h = x / n
-        f = lambda t: math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
-        s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
-        return 0.5 + s * h / 3
 
+def t_quantile(p: float, df: int) -> float:
+    """Student-t quantile (p >= 1/2) by bisection on t_cdf."""
     lo, hi = 0.0, 1000.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2
+
+
+def holm(p_values: dict) -> dict:
+    """Holm's step-down adjustment of {name: p}: the family-wise error stays at the level each adjusted p
+    is compared with (0.05), however many comparisons the family has."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - i) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -311,10 +327,13 @@ def paired_difference(a: dict, b: dict, higher_is_better: bool) -> Optional[dict
         return None
     diffs = [a[s] - b[s] for s in seeds]
     mean, std = mean_std(diffs)
-    half = t_quantile(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    df = len(diffs) - 1
+    half = t_quantile(0.975, df) * std / math.sqrt(len(diffs))
     better = mean - half > 0 if higher_is_better else mean + half < 0
     worse = mean + half < 0 if higher_is_better else mean - half > 0
-    return {"mean": mean, "ci95": [mean - half, mean + half], "seeds": len(seeds),
+    # two-sided paired t-test; identical per-seed results (std 0) give p = 1, differing constant ones p = 0
+    p = (1.0 if mean == 0 else 0.0) if std == 0 else 2 * (1 - t_cdf(abs(mean) / (std / math.sqrt(len(diffs))), df))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "seeds": len(seeds), "p": min(1.0, max(0.0, p)),
             "verdict": "win" if better else "loss" if worse else "tie"}
 
 
@@ -767,6 +786,46 @@ def format_fresh_table(summary: dict, check: dict, seeds=FRESH_SEEDS) -> str:
     for label, c in check.items():
         rows.append(f"| {label} | {c['test_mean']:.4f} | {c['seeds']} | {_delta(c['vs_default'])} | "
                     f"{_delta(c['vs_best_baseline'])} |")
+    return "\n".join(rows)
+
+
+def against_every_baseline(summary: dict, min_seeds: int = 10) -> dict:
+    """{cntlora label: {PEFT init: paired difference + Holm's p over that label's PEFT inits}} for every
+    CNTLoRA label and PEFT init (labels without 'cntlora-') that ran at least `min_seeds` seeds: a win
+    over the best PEFT init chosen on validation says nothing about the others, and a win over each of
+    several needs its p corrected for their number."""
+    hib = summary["higher_is_better"]
+    seeds_of = {label: {int(s): v for s, v in m["test_by_seed"].items()} for label, m in summary["methods"].items()
+                if m["seeds"] >= min_seeds}
+    ours = [label for label in seeds_of if label.startswith("cntlora-")]
+    theirs = [label for label in seeds_of if not label.startswith("cntlora-")]
+    out = {}
+    for label in ours:
+        diffs = {b: paired_difference(seeds_of[label], seeds_of[b], hib) for b in theirs}
+        diffs = {b: d for b, d in diffs.items() if d}
+        adjusted = holm({b: d["p"] for b, d in diffs.items()})
+        out[label] = {b: {**d, "p_holm": adjusted[b]} for b, d in diffs.items()}
+    return out
+
+
+def format_every_baseline_table(summary: dict, comparisons: dict) -> str:
+    """The markdown table of against_every_baseline: one row per CNTLoRA label, one column per PEFT init."""
+    hib = summary["higher_is_better"]
+    theirs = list(dict.fromkeys(b for row in comparisons.values() for b in row))
+    rows = [f"### {summary['task']} against every PEFT init ({summary['metric']}, {'higher' if hib else 'lower'} is "
+            "better; Δ over the seeds both ran, two-sided paired t-test p, Holm's p over the row's PEFT inits)", "",
+            "| method | " + " | ".join(theirs) + " |", "|---|" + "---|" * len(theirs)]
+    for label, row in comparisons.items():
+        cells = []
+        for b in theirs:
+            d = row.get(b)
+            if not d:
+                cells.append("–")
+                continue
+            good = d["mean"] > 0 if hib else d["mean"] < 0
+            mark = (" **win**" if good else " **loss**") if d["p_holm"] < 0.05 else ""
+            cells.append(f"{d['mean']:+.4f} ({d['seeds']} seeds, p {d['p']:.2g}, Holm {d['p_holm']:.2g}){mark}")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
