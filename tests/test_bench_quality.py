@@ -166,6 +166,33 @@ def test_fresh_seed_check_uses_only_the_fresh_seeds():
     assert table.startswith("### t, fresh seeds 5-9 (") and "| cntlora-cross | " in table
 
 
+def test_reference_labels_get_the_tasks_reference_set(one_thread):
+    from cntlora import CNTLoRAConfig, initialize
+
+    task = make_task("tiny")
+    assert task.reference_batches
+
+    def first_a(model):
+        return next(v for k, v in model.state_dict().items() if "lora_A" in k).clone()
+
+    with_reference, _ = quality.init_model(task, "cntlora-cross@pretrain_source=reference", 0, torch.device("cpu"))
+    with_weights, _ = quality.init_model(task, "cntlora-cross", 0, torch.device("cpu"))
+    assert not torch.allclose(first_a(with_reference), first_a(with_weights))
+    # the same as the library called directly with the task's reference batches
+    config = CNTLoRAConfig(mode="cross", r=4, alpha=4.0, pretrain_source="reference", seed=0)
+    torch.manual_seed(0)
+    direct = initialize(task.build_model(0), task.calibration_batches(), config, target_modules=task.target_modules,
+                        reference_dataloader=list(task.reference_batches), progress=False)
+    assert torch.equal(first_a(direct), first_a(with_reference))
+
+
+def test_reference_label_without_a_reference_set_says_so():
+    task = make_task("tiny")
+    task.reference_batches = ()
+    with pytest.raises(CNTLoRAError, match="has no reference set"):
+        quality.init_model(task, "cntlora-shift@pretrain_source=reference", 0, torch.device("cpu"))
+
+
 def test_parse_label():
     assert parse_label("cntlora-cross@ridge=0.1,base=residual,strength=none") == (
         "cntlora-cross", {"ridge": 0.1, "base": "residual", "strength": None})

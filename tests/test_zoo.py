@@ -185,6 +185,37 @@ def test_image_batches():
     assert x.dtype == torch.float32
 
 
+def test_image_tensor_takes_colour_images_as_they_are():
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    images[1, 0] = 255  # a red image
+    x = zoo.image_tensor(images, size=16)
+    mean = torch.tensor(zoo.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(zoo.IMAGENET_STD).view(3, 1, 1)
+    assert x.shape == (2, 3, 16, 16)
+    assert torch.allclose(x[1], (torch.tensor([1.0, 0, 0]).view(3, 1, 1) - mean) / std * torch.ones(3, 16, 16))
+    assert zoo.image_tensor(images, size=32).shape == (2, 3, 32, 32)
+
+
+def test_reference_texts_are_prose_from_the_standard_library():
+    texts = zoo.reference_texts(count=20)
+    assert len(texts) == 20 and len(set(texts)) == 20
+    assert all(len(t) >= 300 and "\n" not in t and not t.startswith(">>>") for t in texts)
+    assert texts == zoo.reference_texts(count=40)[:20]  # deterministic, a prefix of a longer request
+    with pytest.raises(RuntimeError, match="count <="):
+        zoo.reference_texts(count=10**6)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("skimage", "sklearn")),
+                    reason="the photos ship in scikit-image's and scikit-learn's wheels")
+def test_reference_photos_are_seeded_colour_crops():
+    photos = zoo.reference_photos(count=10, size=32, seed=1)
+    assert photos.shape == (10, 3, 32, 32) and photos.dtype == torch.uint8
+    assert torch.equal(photos, zoo.reference_photos(count=10, size=32, seed=1))
+    assert not torch.equal(photos, zoo.reference_photos(count=10, size=32, seed=2))
+    # colour: the channels differ (Fashion-MNIST's are copies of one another)
+    assert (photos[:, 0].float() - photos[:, 2].float()).abs().mean() > 5
+
+
 def test_fashion_mnist_bad_split():
     with pytest.raises(ValueError):
         zoo.fashion_mnist("val")

@@ -3,7 +3,10 @@
 The GPU machine has none of the packaged models or datasets; the tasks read this folder when
 $CNTLORA_BENCH_DATA names it (see cntlora.bench.tasks). Sizes: MiniLM in fp16 (~45 MB),
 MobileNetV2 in fp16 (~7 MB), the Fashion-MNIST subset the vision task uses (~3 MB), BBC News
-cut to 2,000 characters per article (well past the 128 tokens the task reads); with
+cut to 2,000 characters per article (well past the 128 tokens the task reads), and the reference
+sets of @pretrain_source=reference labels: 64 photo crops (zoo.reference_photos, 0.8 MB; needs
+`pip install --no-deps scikit-image==0.26.0 scikit-learn==1.9.1` for the photo files) and 64
+paragraphs of Python's documentation (zoo.reference_texts); with
 --only lm: SmolLM2-135M in fp16 (~270 MB, in shards of at most 50 MiB except the 54 MiB
 embedding, which one tensor fills) and the 42 Shakespeare plays as JSON (~5 MB).
 
@@ -31,12 +34,15 @@ def export_text(out: Path):
     tokenizer.save_pretrained(out / "minilm")
     texts, labels, names = zoo.bbc_news()
     (out / "bbc.json").write_text(json.dumps({"texts": [t[:2000] for t in texts], "labels": labels, "class_names": names}))
+    # the reference set of @pretrain_source=reference labels (text and lm): this Python's own docs
+    (out / "reference_texts.json").write_text(json.dumps(zoo.reference_texts()))
 
 
 def export_vision(out: Path):
     state = zoo.load_mobilenetv2().state_dict()
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, out / "mobilenet_v2.pt")
     torch.save(fashion_subset(), out / "fashion.pt")
+    torch.save(zoo.reference_photos(), out / "reference_photos.pt")  # needs scikit-image and scikit-learn installed
 
 
 def export_lm(out: Path):

@@ -34,6 +34,8 @@ The last groups of --plan full:
                and lm-fewshot on a CPU); 5 seeds, lr searched on seed 0
   candidate    cntlora-self-vas@a_row_norm=1 (vision-fewshot's winner) on text, vision, lm-fewshot and lm, where it
                never ran: could it be the default? 5 seeds, lr searched on seed 0 over LRS and one step up
+  reference    Cross and Shift with a real reference set (pretrain_source=reference) on every table (REFERENCE); 5
+               seeds, lr searched on seed 0 over LRS and one step past the edge the start is likely to choose
   explore      the objective truncation (subspace, VAS, uncapped residual) on every headline table, and the
                settings earlier sessions listed as not tried (EXPLORE); 5 seeds, lr searched on seed 0 over
                LRS plus one step past the edge the start is likely to choose
@@ -149,6 +151,20 @@ CONFIRM2_SEEDS = {"vision-fewshot": SECOND_FRESH_SEEDS, "text-fewshot": range(FR
 # candidate: whether cntlora-self-vas@a_row_norm=1 could be the default, i.e. whether it holds up on the tables it
 # never ran on (5 seeds, lr searched on seed 0 as in explore); plain cntlora-self is the comparison.
 CANDIDATE = {t: ["cntlora-self-vas@a_row_norm=1"] for t in ("text", "vision", "lm-fewshot", "lm")}
+
+
+# reference: Cross and Shift against real pre-training-like data (pretrain_source="reference", METHOD.md's first
+# source), which no table had measured: every Cross and Shift number so far used the weight proxy C_p = κ·W0ᵀW0.
+# The reference sets (bench/tasks.py) are 64 crops of the colour photos bundled with scikit-image and scikit-learn for
+# MobileNetV2, and 64 paragraphs of Python's documentation for MiniLM and SmolLM2. The generalized directions (METHOD.md
+# direction 1) are the input directions where fine-tuning energy most exceeds pre-training energy, which only means
+# what it says with a real C_p. 5 seeds, lr searched on seed 0 as in explore. Fixed before running: a label whose
+# seeds 0-4 test mean is above the best PEFT init's gets seeds 5-19 against every PEFT init (reference-confirm).
+REFERENCE_LABELS = ["cntlora-cross@pretrain_source=reference", "cntlora-cross-vas@pretrain_source=reference",
+                    "cntlora-shift@pretrain_source=reference", "cntlora-cross@pretrain_source=reference,directions=generalized"]
+REFERENCE = {t: REFERENCE_LABELS for t in CLASSIFIER_TABLES}
+REFERENCE.update({t: ["cntlora-cross@pretrain_source=reference",
+                      "cntlora-cross@pretrain_source=reference,base=residual,strength=None"] for t in ("lm", "lm-fewshot")})
 
 
 def explore_lrs(label: str) -> list:
@@ -291,6 +307,11 @@ def plan(kind: str, seeds: int, steps: int, chosen: dict = None) -> list:
             part = "explore-low" if lrs[0] < LRS[0] else "explore"  # names differ: run_many counts by name
             specs.append(Spec(f"{t}+{part}", t, [label for label in labels if tuple(explore_lrs(label)) == lrs], every,
                               list(lrs), steps // 2 if t == "lm-fewshot" else steps, select_seeds=1))
+    for t, labels in REFERENCE.items():
+        for lrs in dict.fromkeys(tuple(explore_lrs(label)) for label in labels):
+            part = "reference-low" if lrs[0] < LRS[0] else "reference"  # names differ: run_many counts by name
+            specs.append(Spec(f"{t}+{part}", t, [label for label in labels if tuple(explore_lrs(label)) == lrs], every,
+                              list(lrs), steps // 2 if t == "lm-fewshot" else steps, select_seeds=1))
     for t, labels in CANDIDATE.items():
         lrs = list(dict.fromkeys(lr for label in labels for lr in explore_lrs(label)))
         specs.append(Spec(f"{t}+candidate", t, labels, every, lrs, steps // 2 if t == "lm-fewshot" else steps,
@@ -308,6 +329,8 @@ def group(spec_name: str) -> str:
         return "explore"
     if spec_name.endswith("+candidate"):
         return "candidate"
+    if spec_name.partition("+")[2].startswith("reference"):
+        return "reference"
     return "sensitivity" if "-sensitivity" in spec_name else spec_name
 
 

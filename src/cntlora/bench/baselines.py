@@ -215,11 +215,13 @@ def cntlora_init(
     loss_fn: Optional[Callable] = None,
     overrides: Optional[dict] = None,
     seed: int = 0,
+    reference_batches: Optional[list] = None,
 ):
     """Wrap `model` (in place) with CNTLoRA's init; `overrides` are CNTLoRAConfig fields (ridge, gamma, base...).
 
     r, alpha and use_rslora come from lora_kwargs so the budget matches the PEFT methods;
-    loss_fn is accepted (and unused) so every init has the same call.
+    loss_fn is accepted (and unused) so every init has the same call. reference_batches: the
+    pre-training-like set behind pretrain_source="reference".
     """
     from ..apply import initialize
 
@@ -233,14 +235,17 @@ def cntlora_init(
     lora_config = _lora_config(kwargs)
     device = _device(model)
     batches = [to_device(b, device) for b in calibration_batches]
+    reference = None if reference_batches is None else [to_device(b, device) for b in reference_batches]
     return initialize(model, batches, config, target_modules=targets, lora_config=lora_config,
-                      forward_fn=forward_fn, progress=False)
+                      reference_dataloader=reference, forward_fn=forward_fn, progress=False)
 
 
-def init_method(method, model, lora_kwargs, calibration_batches, forward_fn=None, loss_fn=None, overrides=None, seed=0):
+def init_method(method, model, lora_kwargs, calibration_batches, forward_fn=None, loss_fn=None, overrides=None, seed=0,
+                reference_batches=None):
     """Dispatch to peft_init or cntlora_init by name (see METHODS)."""
     if method.startswith("cntlora-"):
-        return cntlora_init(method, model, lora_kwargs, calibration_batches, forward_fn, loss_fn, overrides, seed)
+        return cntlora_init(method, model, lora_kwargs, calibration_batches, forward_fn, loss_fn, overrides, seed,
+                            reference_batches)
     if overrides:
         raise CNTLoRAError(f"overrides are CNTLoRA settings; {method!r} takes none")
     return peft_init(method, model, copy.deepcopy(lora_kwargs), calibration_batches, forward_fn, loss_fn)

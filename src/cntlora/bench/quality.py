@@ -40,6 +40,8 @@ class Task:
     modules_to_save...); target_modules is added from the field of that name.
     calibration_size: how many training examples the data-driven inits see (the first ones,
     the same for every method and seed).
+    reference_batches: ready batches of pre-training-like data (what collate returns), the
+    reference set of labels with @pretrain_source=reference; empty when the task has none.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Task:
     calibration_size: int = 64
     forward_fn: Optional[Callable] = None
     freeze_batchnorm: bool = True
+    reference_batches: Sequence = ()
 
     def batches(self, examples: Sequence, batch_size: int) -> list:
         return [self.collate(list(examples[i : i + batch_size])) for i in range(0, len(examples), batch_size)]
@@ -172,12 +175,18 @@ def init_model(task: Task, label: str, seed: int, device) -> tuple[nn.Module, fl
     """Build the seed's model on `device` and initialize it with `label`; returns (model, init seconds)."""
     method, overrides, harness, lora_kwargs = resolve_label(label, task.full_lora_kwargs())
     calibration = task.calibration_batches(harness.get("calib"))
+    reference = None
+    if overrides.get("pretrain_source") == "reference":
+        if not task.reference_batches:
+            raise CNTLoRAError(f"{label}: task {task.name!r} has no reference set (Task.reference_batches); give it "
+                               "pre-training-like batches, or use pretrain_source=weights")
+        reference = list(task.reference_batches)
     torch.manual_seed(seed)
     model = task.build_model(seed).to(device)
     _sync(device)
     t0 = time.perf_counter()
     model = init_method(method, model, lora_kwargs, calibration, forward_fn=task.forward_fn, loss_fn=task.loss_fn,
-                        overrides=overrides, seed=seed)
+                        overrides=overrides, seed=seed, reference_batches=reference)
     _sync(device)
     return model.to(device), time.perf_counter() - t0
 

@@ -49,6 +49,30 @@ def _fresh_head_builder(template: nn.Module, reset_head):
     return build
 
 
+def _reference_photos():
+    """uint8 N×3×64×64 pre-training-like photos (zoo.reference_photos) from the exported folder, else from the
+    installed scikit-image and scikit-learn; None where neither has them (the task then has no reference set)."""
+    from .. import zoo
+
+    folder = _exported()
+    if folder is not None and (folder / "reference_photos.pt").exists():
+        return torch.load(folder / "reference_photos.pt", weights_only=True)
+    try:
+        return zoo.reference_photos()
+    except RuntimeError:  # a package is missing
+        return None
+
+
+def _reference_texts() -> list:
+    """Generic English paragraphs (zoo.reference_texts) from the exported folder, else from this Python's stdlib."""
+    from .. import zoo
+
+    folder = _exported()
+    if folder is not None and (folder / "reference_texts.json").exists():
+        return json.loads((folder / "reference_texts.json").read_text())
+    return zoo.reference_texts()
+
+
 def _split(n: int, val: int, test: int, pool: int):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     return perm[:val], perm[val : val + test], perm[val + test : val + test + pool]
@@ -143,6 +167,9 @@ def text_task(quick=False, train_size=None, max_length=128) -> Task:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in examples])}
 
     build = _fresh_head_builder(template, lambda model: model.classifier.reset_parameters())
+    batch_size, calibration_size = (8, QUICK_SIZE) if quick else (16, 64)
+    reference = [(tokenizer(t, truncation=True, max_length=max_length)["input_ids"], 0)
+                 for t in _reference_texts()[:calibration_size]]
 
     return Task(
         name=_name("text", quick, train_size),
@@ -150,7 +177,8 @@ def text_task(quick=False, train_size=None, max_length=128) -> Task:
         train=ids(pool[:n_train]), val=ids(val_idx), test=ids(test_idx), collate=collate,
         loss_fn=_dict_loss, metric_fn=accuracy, metric="accuracy", higher_is_better=True,
         lora_kwargs={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "modules_to_save": ["classifier"]},
-        batch_size=8 if quick else 16, calibration_size=QUICK_SIZE if quick else 64,
+        batch_size=batch_size, calibration_size=calibration_size,
+        reference_batches=[collate(reference[i:i + batch_size]) for i in range(0, len(reference), batch_size)],
     )
 
 
@@ -208,6 +236,11 @@ def vision_task(quick=False, train_size=None, image_size=64) -> Task:
         return zoo.image_batches(images, labels, len(examples), size=image_size)[0]
 
     pairs = lambda xs, ys, idx: [(xs[i], ys[i]) for i in idx]
+    batch_size, calibration_size = (8, QUICK_SIZE) if quick else (32, 64)
+    photos = _reference_photos()
+    photos = [] if photos is None else photos[:calibration_size]
+    reference = [(zoo.image_tensor(chunk, image_size), torch.zeros(len(chunk), dtype=torch.long))
+                 for chunk in (photos[i:i + batch_size] for i in range(0, len(photos), batch_size))]
     val_idx = list(range(n_val))
     train_idx = list(range(200, 200 + n_train))
     return Task(
@@ -216,7 +249,7 @@ def vision_task(quick=False, train_size=None, image_size=64) -> Task:
         train=pairs(tr_x, tr_y, train_idx), val=pairs(tr_x, tr_y, val_idx), test=pairs(te_x, te_y, range(n_test)),
         collate=collate, loss_fn=_image_loss, metric_fn=accuracy, metric="accuracy", higher_is_better=True,
         lora_kwargs={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "modules_to_save": ["classifier"]},
-        batch_size=8 if quick else 32, calibration_size=QUICK_SIZE if quick else 64,
+        batch_size=batch_size, calibration_size=calibration_size, reference_batches=reference,
     )
 
 
@@ -263,13 +296,17 @@ def lm_task(quick=False, train_size=None, seq_len=128) -> Task:
         x = torch.stack(rows)
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
 
+    batch_size, calibration_size = (4, QUICK_SIZE) if quick else (8, 32)
+    # modern expository English, where the fine-tuning data is Shakespeare's
+    reference = zoo.lm_batches(tokenizer, "\n".join(_reference_texts()), calibration_size, seq_len, batch_size)
+
     return Task(
         name=_name("lm", quick, train_size),
         build_model=lambda seed: copy.deepcopy(model), target_modules=LM_TARGETS,
         train=train, val=val, test=test, collate=collate, loss_fn=_dict_loss, metric_fn=perplexity,
         metric="perplexity", higher_is_better=False,
         lora_kwargs={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0},
-        batch_size=4 if quick else 8, eval_batch_size=16, calibration_size=QUICK_SIZE if quick else 32,
+        batch_size=batch_size, eval_batch_size=16, calibration_size=calibration_size, reference_batches=reference,
     )
 
 
@@ -295,6 +332,9 @@ def tiny_task(quick=False, train_size=None) -> Task:
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.stack([r[1] for r in rows])}
 
     build = _fresh_head_builder(template, lambda model: model.classifier.reset_parameters())
+    # "pre-training" data for the reference set: the lower half of the vocabulary only
+    reference_ids = torch.randint(1, 25, (16, 12), generator=g)
+    reference = [collate([(row, torch.tensor(0)) for row in reference_ids[i:i + 8]]) for i in (0, 8)]
 
     n = train_size or 48
     return Task(
@@ -302,7 +342,7 @@ def tiny_task(quick=False, train_size=None) -> Task:
         train=examples[32 : 32 + n], val=examples[:16], test=examples[16:32], collate=collate,
         loss_fn=_dict_loss, metric_fn=accuracy,
         lora_kwargs={"r": 4, "lora_alpha": 4, "lora_dropout": 0.0, "modules_to_save": ["classifier"]},
-        batch_size=8, eval_batch_size=16, calibration_size=16,
+        batch_size=8, eval_batch_size=16, calibration_size=16, reference_batches=reference,
     )
 
 
