@@ -177,6 +177,37 @@ def test_candidate_group_searches_one_step_up_on_seed_0():
         assert s.steps == (50 if s.task == "lm-fewshot" else 100)
 
 
+def test_reference_group_covers_every_table_and_searches_the_starts_own_grid():
+    specs = run_all.select(run_all.plan("full", 5, 100), ["reference"])
+    by_table = {}
+    for s in specs:
+        by_table.setdefault(s.task, []).extend(s.methods)
+        assert s.select_seeds == 1 and list(s.seeds) == list(range(5))
+        for label in s.methods:
+            assert run_all.parse_label(label)[1]["pretrain_source"] == "reference"
+            assert s.lrs == run_all.explore_lrs(label)
+            assert s.lrs[0] < run_all.LRS[0] if "base=residual" in label else s.lrs[-1] > run_all.LRS[-1]
+    assert {t: sorted(m) for t, m in by_table.items()} == {t: sorted(m) for t, m in run_all.REFERENCE.items()}
+    assert len({s.name for s in specs}) == len(specs)  # run_many counts an lr search's runs by name
+
+
+def test_reference_confirm_runs_seeds_5_to_19_of_its_labels(tmp_path):
+    runs = []
+    for table, labels in run_all.REFERENCE_CONFIRM.items():
+        for label in labels:
+            runs += _grid(table, label, (0.5, 0.9, 0.7)) + [(table, label, s, 1e-3, 0.9) for s in range(1, 5)]
+            if not label.startswith("cntlora-"):  # the PEFT inits already ran the fifth session's seeds
+                runs += [(f"{table}+confirm", label, s, 1e-3, 0.9) for s in range(5, 10)]
+    tables = run_all.read_logs([_write_log(tmp_path / "runs.jsonl", runs)])
+    built = [s for t, labels in run_all.REFERENCE_CONFIRM.items()
+             for s in run_all.missing_specs(t, tables, range(5, 20), labels, "reference-confirm", check_edges=False)]
+    seeds = {(s.task, m): list(s.seeds) for s in built for m in s.methods}
+    assert seeds[("text", "eva")] == list(range(10, 20))
+    assert seeds[("vision", "cntlora-cross-vas@pretrain_source=reference")] == list(range(5, 20))
+    assert set(seeds) == {(t, m) for t, labels in run_all.REFERENCE_CONFIRM.items() for m in labels}
+    assert run_all.main(["--dry-run", "--only", "reference-confirm", "--lr-from", str(tmp_path / "runs.jsonl")]) == 0
+
+
 def test_variants_group_searches_the_lr_on_seed_0():
     specs = run_all.select(run_all.plan("full", 5, 100), ["variants"])
     assert {s.task: s.methods for s in specs} == run_all.VARIANTS_GPU

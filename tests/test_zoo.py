@@ -4,6 +4,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,9 +99,12 @@ def test_mobilenetv2_new_head_seeded():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="the photo ships in scikit-image's wheel")
 def test_mobilenetv2_classifies_chelsea_as_egyptian_cat():
-    skimage_data = pytest.importorskip("skimage.data")
-    img = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).float().div(255)[None]
+    from PIL import Image
+
+    photo = np.asarray(Image.open(zoo._package_dir("skimage", "scikit-image==0.26.0") / "data" / "chelsea.png").convert("RGB"))
+    img = torch.from_numpy(photo.copy()).permute(2, 0, 1).float().div(255)[None]
     h, w = img.shape[-2:]  # torchvision eval transform: resize short side to 256, crop 224
     img = F.interpolate(img, size=(256, round(256 * w / h)), mode="bilinear", antialias=True)
     left = (img.shape[-1] - 224) // 2
