@@ -64,13 +64,17 @@ def _reference_photos():
 
 
 def _reference_texts() -> list:
-    """Generic English paragraphs (zoo.reference_texts) from the exported folder, else from this Python's stdlib."""
+    """Generic English paragraphs (zoo.reference_texts) from the exported folder, else from this Python's stdlib;
+    empty where a stripped-down Python lacks its docs (the task then has no reference set)."""
     from .. import zoo
 
     folder = _exported()
     if folder is not None and (folder / "reference_texts.json").exists():
         return json.loads((folder / "reference_texts.json").read_text())
-    return zoo.reference_texts()
+    try:
+        return zoo.reference_texts()
+    except (ImportError, RuntimeError):
+        return []
 
 
 def _split(n: int, val: int, test: int, pool: int):
@@ -298,7 +302,8 @@ def lm_task(quick=False, train_size=None, seq_len=128) -> Task:
 
     batch_size, calibration_size = (4, QUICK_SIZE) if quick else (8, 32)
     # modern expository English, where the fine-tuning data is Shakespeare's
-    reference = zoo.lm_batches(tokenizer, "\n".join(_reference_texts()), calibration_size, seq_len, batch_size)
+    texts = _reference_texts()
+    reference = zoo.lm_batches(tokenizer, "\n".join(texts), calibration_size, seq_len, batch_size) if texts else []
 
     return Task(
         name=_name("lm", quick, train_size),
