@@ -146,6 +146,30 @@ def test_init_passes_setting_flags_to_the_config(workdir, capsys, flags, expecte
         assert "total: 13/13 layers adapted" in stdout
 
 
+def test_init_with_a_reference_set_uses_it_for_cross(workdir, capsys):
+    from safetensors.torch import load_file
+
+    (workdir / "reference.txt").write_text("\n".join(["the red film", "a slow vote", "the team sat"] * 4) + "\n")
+    common = ["init", workdir / "model", workdir / "data.txt", "--r", 4, "--mode", "cross", "--vas", "--quiet"]
+    runs = {"reference": ["--reference", workdir / "reference.txt"],
+            "explicit": ["--reference", workdir / "reference.txt", "--pretrain-source", "reference"],
+            "weights": ["--reference", workdir / "reference.txt", "--pretrain-source", "weights"]}
+    weights = {}
+    for name, flags in runs.items():
+        code, _, err = run_cli(capsys, *common, "--out", workdir / f"adapter-ref-{name}", *flags)
+        assert code == 0, err
+        meta = json.loads((workdir / f"adapter-ref-{name}" / "cntlora.json").read_text())
+        assert meta["config"]["mode"] == "cross" and meta["config"]["vas"] is True
+        weights[name] = load_file(workdir / f"adapter-ref-{name}" / "adapter_model.safetensors")
+    # --reference alone picks the reference source; the weight proxy gives another adapter
+    assert weights["reference"].keys() == weights["explicit"].keys()
+    assert all(torch.equal(weights["reference"][k], weights["explicit"][k]) for k in weights["reference"])
+    assert weights["reference"].keys() != weights["weights"].keys() or any(
+        not torch.equal(weights["reference"][k], weights["weights"][k]) for k in weights["reference"])
+    code, _, err = run_cli(capsys, *common, "--out", workdir / "adapter-ref-missing", "--pretrain-source", "reference")
+    assert code != 0 and "add --reference DATA" in err and not (workdir / "adapter-ref-missing").exists()
+
+
 def test_statistics_round_trip(workdir, capsys):
     stats = workdir / "stats.safetensors"
     code, first, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a1",

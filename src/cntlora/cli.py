@@ -279,6 +279,9 @@ def cmd_init(args) -> int:
 
     if args.data is None and args.load_stats is None:
         raise CliError("init needs DATA (or --load-stats FILE); e.g. cntlora init minilm bbc-news --out adapter")
+    if args.pretrain_source == "reference" and args.reference is None and args.load_stats is None:
+        raise CliError("--pretrain-source reference needs pre-training-like data: add --reference DATA, "
+                       "or leave --pretrain-source out to use the weight proxy")
     if args.save_stats and os.path.exists(args.save_stats):
         raise CliError(f"{args.save_stats} already exists; statistics never overwrite statistics, pick another path")
     config = CNTLoRAConfig(
