@@ -293,6 +293,18 @@ def sensitivity_specs(task: str, steps: int, lrs: list, chosen: dict, **kwargs) 
     return specs
 
 
+def lr_search_specs(groups: dict, part: str, seeds: list, steps: int) -> list:
+    """Specs TABLE+part for {table: labels}, each label searching explore_lrs on seed 0; labels whose grid
+    starts below LRS go into TABLE+part-low (run_many counts an lr search's runs by name)."""
+    specs = []
+    for t, labels in groups.items():
+        for lrs in dict.fromkeys(tuple(explore_lrs(label)) for label in labels):
+            name = f"{t}+{part}-low" if lrs[0] < LRS[0] else f"{t}+{part}"
+            specs.append(Spec(name, t, [label for label in labels if tuple(explore_lrs(label)) == lrs], seeds,
+                              list(lrs), steps // 2 if t == "lm-fewshot" else steps, select_seeds=1))
+    return specs
+
+
 def plan(kind: str, seeds: int, steps: int, chosen: dict = None) -> list:
     chosen = chosen or {}
     if kind == "tiny":  # checks this script and report.py on a CPU in about a minute
@@ -315,20 +327,9 @@ def plan(kind: str, seeds: int, steps: int, chosen: dict = None) -> list:
     specs.append(Spec("lm", "lm", METHODS, every, LRS, steps, select_seeds=1))
     specs += [Spec(f"{t}+variants", t, labels, every, LRS, steps // 2 if t == "lm-fewshot" else steps, select_seeds=1)
               for t, labels in VARIANTS_GPU.items()]
-    for t, labels in EXPLORE.items():
-        for lrs in dict.fromkeys(tuple(explore_lrs(label)) for label in labels):
-            part = "explore-low" if lrs[0] < LRS[0] else "explore"  # names differ: run_many counts by name
-            specs.append(Spec(f"{t}+{part}", t, [label for label in labels if tuple(explore_lrs(label)) == lrs], every,
-                              list(lrs), steps // 2 if t == "lm-fewshot" else steps, select_seeds=1))
-    for t, labels in REFERENCE.items():
-        for lrs in dict.fromkeys(tuple(explore_lrs(label)) for label in labels):
-            part = "reference-low" if lrs[0] < LRS[0] else "reference"  # names differ: run_many counts by name
-            specs.append(Spec(f"{t}+{part}", t, [label for label in labels if tuple(explore_lrs(label)) == lrs], every,
-                              list(lrs), steps // 2 if t == "lm-fewshot" else steps, select_seeds=1))
-    for t, labels in CANDIDATE.items():
-        lrs = list(dict.fromkeys(lr for label in labels for lr in explore_lrs(label)))
-        specs.append(Spec(f"{t}+candidate", t, labels, every, lrs, steps // 2 if t == "lm-fewshot" else steps,
-                          select_seeds=1))
+    specs += lr_search_specs(EXPLORE, "explore", every, steps)
+    specs += lr_search_specs(REFERENCE, "reference", every, steps)
+    specs += lr_search_specs(CANDIDATE, "candidate", every, steps)
     return specs
 
 

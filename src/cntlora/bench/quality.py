@@ -322,6 +322,11 @@ def holm(p_values: dict) -> dict:
     return adjusted
 
 
+def seed_results(method: dict, seeds=None) -> dict:
+    """{seed: test metric} of one method's summary entry, on `seeds` only when given."""
+    return {int(s): v for s, v in method["test_by_seed"].items() if seeds is None or int(s) in seeds}
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
@@ -403,7 +408,7 @@ def summarize(results: dict, reference: str = "default") -> dict:
     baselines = [l for l in labels if not l.startswith("cntlora-")]
     sign = 1 if hib else -1
     best = max(baselines, key=lambda l: sign * methods[l]["val_final"]) if baselines else None
-    seeds_of = lambda l: {int(s): v for s, v in methods[l]["test_by_seed"].items()}
+    seeds_of = lambda l: seed_results(methods[l])
     for label, m in methods.items():
         m["vs_default"] = paired_difference(seeds_of(label), seeds_of(reference), hib) if reference in methods and label != reference else None
         m["vs_best_baseline"] = paired_difference(seeds_of(label), seeds_of(best), hib) if best and label != best else None
@@ -774,8 +779,7 @@ def fresh_seed_check(summary: dict, seeds=FRESH_SEEDS) -> dict:
     """{label: paired differences against default and the best baseline on `seeds` alone}, for every label
     that ran all of them, the reference and the best baseline included where they did."""
     hib = summary["higher_is_better"]
-    by_seed = {label: {int(s): v for s, v in m["test_by_seed"].items() if int(s) in seeds}
-               for label, m in summary["methods"].items()}
+    by_seed = {label: seed_results(m, seeds) for label, m in summary["methods"].items()}
     ran = {label: b for label, b in by_seed.items() if set(b) >= set(seeds)}
     out = {}
     for label, b in ran.items():
@@ -804,8 +808,7 @@ def against_every_baseline(summary: dict, min_seeds: int = 10) -> dict:
     over the best PEFT init chosen on validation says nothing about the others, and a win over each of
     several needs its p corrected for their number."""
     hib = summary["higher_is_better"]
-    seeds_of = {label: {int(s): v for s, v in m["test_by_seed"].items()} for label, m in summary["methods"].items()
-                if m["seeds"] >= min_seeds}
+    seeds_of = {label: seed_results(m) for label, m in summary["methods"].items() if m["seeds"] >= min_seeds}
     ours = [label for label in seeds_of if label.startswith("cntlora-")]
     theirs = [label for label in seeds_of if not label.startswith("cntlora-")]
     out = {}
