@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 
 import cntlora
-from cntlora import CNTLoRAConfig, CNTLoRAError
+from cntlora import AdvancedConfig, CNTLoRAConfig, CNTLoRAError
 
 from helpers import TinyCNN, TwoLayerMLP, feature_batches, tiny_bert, tiny_llama, token_batches
 
@@ -44,7 +44,7 @@ def test_objective_truncation_residual_start_keeps_the_output(mode):
     model = tiny_llama()
     batches = token_batches()
     ref = model(**batches[0]).logits
-    cfg = CNTLoRAConfig(mode=mode, r=4, base="residual", strength=None, truncation="objective")
+    cfg = CNTLoRAConfig(mode=mode, r=4, base="residual", strength=None, advanced=AdvancedConfig(truncation="objective"))
     pm = cntlora.initialize(copy.deepcopy(model), batches, cfg, target_modules=["q_proj", "down_proj"], progress=False)
     assert close(pm(**batches[0]).logits, ref)
     assert all(torch.count_nonzero(p) > 0 for n, p in pm.named_parameters() if "lora_B" in n)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import cntlora
+import cntlora.batches as batches
 import cntlora.statistics as statistics
 from cntlora.bench import cost
-from cntlora.cli import byte_size
+from cntlora.units import byte_size
 from cntlora.decompose import DenseProducts, randomized_range, ritz_triplets
 from cntlora.plan import PhaseClock
 from cntlora.solver import mode_constraints, normal_equations, solve_delta
@@ -139,10 +140,10 @@ def test_tall_and_wide_weights_solve_the_same_system():
 
 
 def test_all_ones_host_mask_is_dropped_and_a_partial_one_kept():
-    assert statistics._host_mask(torch.ones(2, 3, dtype=torch.bool)) is None
+    assert batches._host_mask(torch.ones(2, 3, dtype=torch.bool)) is None
     partial = torch.tensor([[True, False]])
-    assert statistics._host_mask(partial) is partial
-    assert statistics._host_mask(None) is None
+    assert batches._host_mask(partial) is partial
+    assert batches._host_mask(None) is None
 
 
 def _rank_r(delta, r):
@@ -320,8 +321,8 @@ def test_implicit_plan_captures_what_the_exact_one_does(mode, implicit_on_cpu):
     # A random model's ΔW has a flat spectrum, where the leading directions are nearly
     # interchangeable; what must match is the energy the kept subspace captures.
     model, stats = _llama_stats()
-    exact = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(mode=mode, r=4, randomized_svd_above=10_000))
-    implicit = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(mode=mode, r=4, randomized_svd_above=0))
+    exact = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(mode=mode, r=4, advanced=cntlora.AdvancedConfig(randomized_svd_above=10_000)))
+    implicit = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(mode=mode, r=4, advanced=cntlora.AdvancedConfig(randomized_svd_above=0)))
     for name, lp in exact.layers.items():
         ip = implicit.layers[name]
         assert lp.delta_energy > 0 and ip.delta_energy is None
@@ -333,15 +334,15 @@ def test_implicit_plan_captures_what_the_exact_one_does(mode, implicit_on_cpu):
         torch.testing.assert_close(rows @ rows.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-6)
         assert not ip.B.any()
     assert "–" in implicit.summary() and "nan" not in implicit.summary()
-    again = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(mode=mode, r=4, randomized_svd_above=0))
+    again = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(mode=mode, r=4, advanced=cntlora.AdvancedConfig(randomized_svd_above=0)))
     assert all(torch.equal(again.layers[n].A, implicit.layers[n].A) for n in implicit.layers)
 
 
 def test_implicit_plan_is_near_the_best_rank_r_update_with_base_keep(implicit_on_cpu):
     model, stats = _llama_stats(seed=1)
     cfg = dict(mode="self", r=3, base="keep", strength=None)
-    exact = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(**cfg, randomized_svd_above=10_000))
-    implicit = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(**cfg, randomized_svd_above=0))
+    exact = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(**cfg, advanced=cntlora.AdvancedConfig(randomized_svd_above=10_000)))
+    implicit = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(**cfg, advanced=cntlora.AdvancedConfig(randomized_svd_above=0)))
     for name, lp in exact.layers.items():
         delta = _formed_delta(model, stats, name, exact.config)
         residual = lambda p: float((delta - exact.scale * p.B.double() @ p.A.double()).pow(2).sum())  # noqa: E731
@@ -350,10 +351,9 @@ def test_implicit_plan_is_near_the_best_rank_r_update_with_base_keep(implicit_on
 
 def test_vas_with_the_energy_score_forms_delta_and_the_weight_score_does_not(implicit_on_cpu):
     model, stats = _llama_stats()
-    by_energy = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, vas=True, randomized_svd_above=0))
+    by_energy = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, vas=True, advanced=cntlora.AdvancedConfig(randomized_svd_above=0)))
     assert all(lp.delta_energy is not None for lp in by_energy.layers.values())
-    by_weight = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, vas=True, vas_score="weight",
-                                                                  randomized_svd_above=0))
+    by_weight = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, vas=True, advanced=cntlora.AdvancedConfig(vas_score="weight", randomized_svd_above=0)))
     assert all(lp.delta_energy is None for lp in by_weight.layers.values())
     assert by_weight.params <= by_weight.budget
 
@@ -446,7 +446,7 @@ def test_cpu_layers_above_the_threshold_use_the_randomized_svd_on_a_formed_delta
     real = cntlora.plan.randomized_range
     monkeypatch.setattr(cntlora.plan, "randomized_range", lambda op, *a, **k: calls.append(op) or real(op, *a, **k))
     model, stats = _llama_stats()
-    plan = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, randomized_svd_above=0))
+    plan = cntlora.solve(model, stats, cntlora.CNTLoRAConfig(r=4, advanced=cntlora.AdvancedConfig(randomized_svd_above=0)))
     assert len(calls) == len(stats.layers)
     assert all(isinstance(op, DenseProducts) for op in calls)  # small CPU layers form ΔW: ||ΔW||² stays known
     assert all(lp.delta_energy is not None and lp.delta_energy > 0 for lp in plan.layers.values())

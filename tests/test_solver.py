@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cntlora
-from cntlora.config import CNTLoRAConfig
+from cntlora.config import AdvancedConfig, CNTLoRAConfig
 from cntlora.layers import weight_matrix
 from cntlora.solver import (Moments, alignment_matrix, mode_constraints, normal_equations, pretrain_moments,
                             reproduce_frozen, solve_delta, vanish)
@@ -112,7 +112,7 @@ def test_closed_form_matches_brute_force(collected, mode, source, layer):
 def test_full_shift_alignment_matches_brute_force(collected):
     model, stats, raw_f, raw_p = collected
     w0 = model.fc1.weight.detach()
-    cfg = CNTLoRAConfig(mode="shift", shift_alignment="full", ridge=RIDGE)
+    cfg = CNTLoRAConfig(mode="shift", ridge=RIDGE, advanced=AdvancedConfig(shift_alignment="full"))
     fine, ref = stats.moments("fc1"), stats.moments("fc1", "reference")
     got = solve_delta(w0, fine, ref, mode_constraints(cfg), RIDGE)
     want = brute_force(w0, raw_f["fc1"], raw_p["fc1"], "shift", 0, RIDGE, alignment="full")
@@ -224,11 +224,11 @@ def test_diag_alignment_matches_variances_and_means():
 
 def test_a_row_norm_sets_subspace_scale(collected):
     model, stats, _, _ = collected
-    plan = cntlora.solve(model, stats, CNTLoRAConfig(r=3, base="subspace", a_row_norm=1.0))
+    plan = cntlora.solve(model, stats, CNTLoRAConfig(r=3, base="subspace", advanced=AdvancedConfig(a_row_norm=1.0)))
     for lp in plan.layers.values():
         assert torch.allclose(lp.A.double().norm(dim=1), torch.ones(3, dtype=torch.float64), atol=1e-6)
     with pytest.raises(cntlora.CNTLoRAError, match="a_row_norm"):
-        CNTLoRAConfig(a_row_norm=0.0)
+        CNTLoRAConfig(advanced=AdvancedConfig(a_row_norm=0.0))
 
 
 def test_a_singular_system_names_the_fix():
@@ -287,7 +287,7 @@ def test_generalized_directions_match_brute_force(collected, mode, layer):
     """A's rows span the top generalized eigenvectors of C_f·w = ρ·(Σ w_k C_k + λI)·w, from raw activations."""
     model, stats, raw_f, raw_p = collected
     k, gamma = 3, 0.7
-    cfg = CNTLoRAConfig(mode=mode, r=k, gamma=gamma, pretrain_source="reference", ridge=RIDGE, directions="generalized")
+    cfg = CNTLoRAConfig(mode=mode, r=k, gamma=gamma, pretrain_source="reference", ridge=RIDGE, advanced=AdvancedConfig(directions="generalized"))
     plan = cntlora.solve(model, stats, cfg)
     x_f, x_p = raw_f[layer].double(), raw_p[layer].double()
     c_f = x_f.T @ x_f / len(x_f)
@@ -324,7 +324,7 @@ def test_generalized_directions_for_each_rank_nest_and_do_not_need_w0(collected)
 ])
 def test_generalized_directions_refuse_what_they_cannot_do(kwargs, match):
     with pytest.raises(cntlora.CNTLoRAError, match=match):
-        CNTLoRAConfig(**{"directions": "generalized", **kwargs})
+        CNTLoRAConfig.from_dict({"directions": "generalized", **kwargs})
 
 
 @pytest.mark.parametrize("mode", ["self", "cross", "shift"])
@@ -347,7 +347,7 @@ def test_objective_truncation_is_the_rank_k_minimizer_of_the_constraints(collect
 
     common = dict(mode=mode, r=k, alpha=float(k), gamma=0.7, pretrain_source="reference", ridge=RIDGE, base="keep",
                   strength=None)
-    plans = {trunc: cntlora.solve(model, stats, CNTLoRAConfig(**common, truncation=trunc))
+    plans = {trunc: cntlora.solve(model, stats, CNTLoRAConfig(**common, advanced=AdvancedConfig(truncation=trunc)))
              for trunc in ("objective", "frobenius")}
     got = {trunc: p.scale * p.layers[layer].B.double() @ p.layers[layer].A.double() for trunc, p in plans.items()}
     assert rel(got["objective"], want) < 1e-5
@@ -380,8 +380,7 @@ def test_objective_truncation_nests_and_keeps_unit_rows():
 
 def test_objective_truncation_with_vas_shares_the_objective(collected):
     model, stats, _, _ = collected
-    plan = cntlora.solve(model, stats, CNTLoRAConfig(mode="cross", r=2, vas=True, truncation="objective",
-                                                     pretrain_source="reference"))
+    plan = cntlora.solve(model, stats, CNTLoRAConfig(mode="cross", r=2, vas=True, pretrain_source="reference", advanced=AdvancedConfig(truncation="objective")))
     assert plan.params <= plan.budget and sum(lp.rank for lp in plan.layers.values()) > 0
     for lp in plan.layers.values():
         assert 0 < lp.energy_share <= 1 + 1e-9
@@ -389,9 +388,9 @@ def test_objective_truncation_with_vas_shares_the_objective(collected):
 
 def test_objective_truncation_refuses_generalized_directions():
     with pytest.raises(cntlora.CNTLoRAError, match="truncation='frobenius'"):
-        CNTLoRAConfig(directions="generalized", truncation="objective")
+        CNTLoRAConfig(advanced=AdvancedConfig(directions="generalized", truncation="objective"))
     with pytest.raises(cntlora.CNTLoRAError, match="unknown truncation"):
-        CNTLoRAConfig(truncation="nuclear")
+        CNTLoRAConfig(advanced=AdvancedConfig(truncation="nuclear"))
 
 
 @pytest.mark.parametrize("alignment", ["diag", "full"])
@@ -403,10 +402,10 @@ def test_shift_floor_relative_to_the_largest_eigenvalue_matches_brute_force(coll
     pre = stats.moments(layer, "reference")
     got = {}
     for floor in ("trace", "max"):
-        cfg = CNTLoRAConfig(mode="shift", shift_alignment=alignment, shift_floor=floor, ridge=RIDGE)
+        cfg = CNTLoRAConfig(mode="shift", ridge=RIDGE, advanced=AdvancedConfig(shift_alignment=alignment, shift_floor=floor))
         got[floor] = solve_delta(w0, fine, pre, mode_constraints(cfg), RIDGE)
         want = brute_force(w0, raw_f[layer], raw_p[layer], "shift", 0.0, RIDGE, alignment, floor)
         assert rel(got[floor], want) < 1e-5
     assert rel(got["max"], got["trace"]) > 1e-3  # the floor changes the update
     with pytest.raises(cntlora.CNTLoRAError, match="unknown shift_floor"):
-        CNTLoRAConfig(shift_floor="median")
+        CNTLoRAConfig(advanced=AdvancedConfig(shift_floor="median"))

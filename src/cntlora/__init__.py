@@ -5,15 +5,17 @@ collect (hooks -> statistics) -> solve (statistics + W0 -> ΔW) -> decompose (B,
 """
 
 from .apply import apply, initialize, lora_config_for
-from .config import CNTLoRAConfig, CNTLoRAError
+from .config import AdvancedConfig, CNTLoRAConfig, CNTLoRAError
 from .export import export_plain_lora, load_adapter, save_adapter
 from .plan import LayerPlan, Plan, solve, solve_parts
 from .solver import Constraint, Moments, align_moments, reproduce_frozen, solve_delta, vanish
-from .statistics import Statistics, collect_statistics, iter_statistics
+from .collect import collect_statistics, iter_statistics
+from .statistics import Statistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdvancedConfig",
     "CNTLoRAConfig",
     "CNTLoRAError",
     "Constraint",

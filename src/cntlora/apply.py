@@ -17,7 +17,7 @@ from torch import nn
 from .config import CNTLoRAConfig, CNTLoRAError
 from .layers import base_layer, delta_to_weight, weight_matrix
 from .plan import Plan, solve, solve_parts
-from .statistics import collect_statistics, iter_statistics
+from .collect import collect_statistics, iter_statistics
 
 # What CNTLoRA decides; everything else in a user's LoraConfig is honoured as given.
 _DECIDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")

@@ -25,8 +25,9 @@ from typing import List, Optional
 # before transformers is imported anywhere: there is no model hub to reach
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from .units import byte_size  # noqa: E402
 from .config import (BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, SHIFT_FLOORS, TRUNCATIONS,  # noqa: E402
-                     VAS_SCORES, CNTLoRAConfig, CNTLoRAError)
+                     VAS_SCORES, AdvancedConfig, CNTLoRAConfig, CNTLoRAError)
 
 PACKAGED_MODELS = ("minilm", "smollm2", "mobilenetv2")
 PACKAGED_DATA = ("bbc-news", "shakespeare", "fashion-mnist")
@@ -253,29 +254,14 @@ def _forward_fn(model):
 # commands
 
 
-BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-
-
-def byte_size(text: str) -> int:
-    """'16GiB', '1.5GB', '512MiB' or a plain byte count -> bytes (argparse type)."""
-    low = text.strip().lower().replace(" ", "")
-    unit = next((u for u in BYTE_UNITS if low.endswith(u)), "")
-    try:
-        size = int(float(low[: len(low) - len(unit)]) * BYTE_UNITS.get(unit, 1))
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; write a positive size, e.g. 16GiB, 512MiB or 2GB")
-    return size
-
-
 def cmd_init(args) -> int:
     from peft import LoraConfig
 
     from .apply import apply, initialize
     from .export import CNTLORA_FILE, save_adapter
     from .plan import solve
-    from .statistics import Statistics, collect_statistics
+    from .collect import collect_statistics
+    from .statistics import Statistics
 
     if args.data is None and args.load_stats is None:
         raise CliError("init needs DATA (or --load-stats FILE); e.g. cntlora init minilm bbc-news --out adapter")
@@ -284,14 +270,7 @@ def cmd_init(args) -> int:
                        "or leave --pretrain-source out to use the weight proxy")
     if args.save_stats and os.path.exists(args.save_stats):
         raise CliError(f"{args.save_stats} already exists; statistics never overwrite statistics, pick another path")
-    config = CNTLoRAConfig(
-        mode=args.mode, r=args.r, alpha=args.alpha if args.alpha is not None else float(args.r), base=args.base,
-        gamma=args.gamma, pretrain_source=args.pretrain_source, ridge=args.ridge, shift_alignment=args.shift_alignment,
-        shift_floor=args.shift_floor,
-        strength=args.strength, use_rslora=args.rslora, vas=args.vas, budget=args.budget, r_min=args.r_min,
-        r_max=args.r_max, vas_score=args.vas_score, seed=args.seed, directions=args.directions,
-        truncation=args.truncation, a_row_norm=args.a_row_norm,
-    )
+    config = CNTLoRAConfig(mode=args.mode, r=args.r, alpha=args.alpha if args.alpha is not None else float(args.r), base=args.base, gamma=args.gamma, pretrain_source=args.pretrain_source, ridge=args.ridge, strength=args.strength, use_rslora=args.rslora, vas=args.vas, budget=args.budget, r_min=args.r_min, r_max=args.r_max, seed=args.seed, advanced=AdvancedConfig(shift_alignment=args.shift_alignment, shift_floor=args.shift_floor, vas_score=args.vas_score, directions=args.directions, truncation=args.truncation, a_row_norm=args.a_row_norm))
     model, tokenizer = load_model(args.model, seed=args.seed)
     lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
     if args.load_stats:
@@ -323,7 +302,7 @@ def cmd_init(args) -> int:
 
 def record_model(meta_path: Path, args) -> None:
     """Note in cntlora.json how to rebuild the base model, so `cntlora export` needs no --model."""
-    from .statistics import atomic_write
+    from .files import atomic_write
 
     meta = json.loads(meta_path.read_text())
     model = args.model if args.model in PACKAGED_MODELS else str(Path(args.model).resolve())

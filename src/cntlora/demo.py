@@ -19,7 +19,7 @@ import torch
 
 from .apply import initialize
 from .config import CNTLoRAConfig
-from .statistics import atomic_write
+from .files import atomic_write
 
 
 @dataclass

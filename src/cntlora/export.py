@@ -15,15 +15,14 @@ import copy
 import json
 import math
 import os
-import shutil
-import uuid
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CNTLoRAConfig, CNTLoRAError
+from .files import write_directory_atomically
 from .layers import LayerSpec, base_layer
 from .plan import LayerPlan, Plan
 
@@ -33,45 +32,6 @@ CNTLORA_FILE = "cntlora.json"
 INIT_FACTORS_FILE = "init_factors.safetensors"
 RESIDUAL_BASE_FILE = "residual_base.safetensors"
 FORMAT_VERSION = 1
-
-
-def write_directory_atomically(out_dir: str, write: Callable[[str], None]) -> None:
-    """Fill a fresh folder next to `out_dir` with write(folder), then swap it into place.
-
-    An existing out_dir is renamed aside first and deleted only once the new folder is in
-    place, so a failed write never leaves a broken folder where a good one was. Only an
-    adapter folder (or an empty one) is ever replaced: never a folder we did not write.
-    """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isfile(out_dir):
-        raise CNTLoRAError(f"{out_dir} is a file; pass a folder path for the adapter")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, PEFT_CONFIG_FILE)):
-        raise CNTLoRAError(
-            f"{out_dir} exists and is not an adapter folder (no {PEFT_CONFIG_FILE}); pick a new folder or empty it"
-        )
-    parent, leaf = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # os.mkdir (unlike mkdtemp) honours the umask, so the final folder gets normal permissions.
-    staging = os.path.join(parent, f".{leaf}.tmp-{uuid.uuid4().hex[:12]}")
-    os.mkdir(staging)
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    aside = None
-    if os.path.lexists(out_dir):
-        aside = os.path.join(parent, f".{leaf}.old-{uuid.uuid4().hex[:12]}")
-        os.replace(out_dir, aside)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, out_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _plan_of(peft_model) -> Plan:
@@ -139,7 +99,7 @@ def _metadata(plan: Plan) -> dict:
 def _plan_from_folder(meta: dict, factors: Dict[str, torch.Tensor]) -> Plan:
     if meta.get("format") != FORMAT_VERSION:
         raise CNTLoRAError(f"{CNTLORA_FILE} has format {meta.get('format')!r}; this cntlora reads {FORMAT_VERSION}")
-    config = CNTLoRAConfig(**meta["config"])
+    config = CNTLoRAConfig.from_dict(meta["config"])
     layers = {}
     for name, d in meta["layers"].items():
         spec = LayerSpec.from_dict(d["spec"])
@@ -189,7 +149,7 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default") -> Non
         with open(os.path.join(folder, CNTLORA_FILE), "w") as f:
             json.dump(_metadata(plan), f, indent=2)
 
-    write_directory_atomically(out_dir, write)
+    write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder")
 
 
 def _apply_residual_base(base_model: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
@@ -296,4 +256,4 @@ def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default") -
         lora_config.save_pretrained(folder, auto_mapping_dict=auto_mapping)
         save_file(tensors, os.path.join(folder, PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
 
-    write_directory_atomically(out_dir, write)
+    write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder")

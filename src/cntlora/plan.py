@@ -285,7 +285,7 @@ class _Solver:
         spectra, w0_norms = self.spectra, self.w0_norms
         budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in specs.values())
         if config.vas:
-            scores = {n: component_scores(spectra[n], w0_norms[n], config.vas_score) for n in specs}
+            scores = {n: component_scores(spectra[n], w0_norms[n], config.advanced.vas_score) for n in specs}
             costs = {n: s.out_features + s.in_features for n, s in specs.items()}
             ranks = allocate_ranks(scores, costs, budget, config.r_min, config.max_rank)
         else:
@@ -297,7 +297,7 @@ class _Solver:
             if ranks[name] > 0:
                 b, a, cap = lora_factors(
                     sp, ranks[name], config.scale, config.base, w0_norms[name], config.strength, seed=config.seed + i,
-                    a_row_norm=config.a_row_norm if config.a_row_norm is not None else DEFAULT_A_ROW_NORM,
+                    a_row_norm=DEFAULT_A_ROW_NORM if config.advanced.a_row_norm is None else config.advanced.a_row_norm,
                 )
             else:
                 b = torch.zeros(spec.out_features, 0, dtype=torch.float64)
@@ -327,15 +327,16 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     w0_norms: Dict[str, torch.Tensor] = {}
     device = _solve_device(modules)
     clock = PhaseClock(device)
-    above = RANDOMIZED_SVD_ABOVE if config.randomized_svd_above is None else config.randomized_svd_above
+    adv = config.advanced
+    above = RANDOMIZED_SVD_ABOVE if adv.randomized_svd_above is None else adv.randomized_svd_above
     # On the CPU, the largest layers never form ΔW: the randomized SVD needs only products with
     # it, which cost a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²). On GPUs the
     # triangular solves with k right-hand sides are latency-bound (1.9 s for a 1B model on an
     # H200, against 0.3 s for forming every ΔW; docs/benchmarks.md), so ΔW is formed there.
     # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
     # The objective truncation weighs ΔW by the system's factor, so it forms ΔW too.
-    implicit_allowed = (device.type == "cpu" and not (config.vas and config.vas_score == "energy")
-                        and config.truncation == "frobenius")
+    implicit_allowed = (device.type == "cpu" and not (config.vas and config.advanced.vas_score == "energy")
+                        and config.advanced.truncation == "frobenius")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
     # the last layer of each input: after it, release=True drops that input's sums
     last_of_group = {stats.groups[n]: n for n in stats.layers}
@@ -361,7 +362,7 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
             for sets in (stats.fine, stats.reference or {}):
                 sets.pop(group, None)
         w0_norms[name] = torch.linalg.norm(w0)
-        if config.directions == "generalized":  # A's directions from the system alone; no ΔW, no SVD
+        if config.advanced.directions == "generalized":  # A's directions from the system alone; no ΔW, no SVD
             clock.mark("solve")
             shared = cached if cached is not None else {}
             if "directions" not in shared:  # for the widest k of the input's layers: slices serve the rest
@@ -381,14 +382,14 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
         else:
             products = DenseProducts(system.delta(w0))
         clock.mark("solve")
-        if config.truncation == "objective":  # its SVD is of ΔW·chol, per layer
-            spectra[name] = objective_truncation(products.matrix, system.chol, k, config.seed, above, config.svd_niter)
+        if config.advanced.truncation == "objective":  # its SVD is of ΔW·chol, per layer
+            spectra[name] = objective_truncation(products.matrix, system.chol, k, config.seed, above, config.advanced.svd_niter)
         elif randomized:
-            ranges[name] = (*randomized_range(products, k, config.seed, config.svd_niter), k)
+            ranges[name] = (*randomized_range(products, k, config.seed, config.advanced.svd_niter), k)
             if not implicit:
                 energies[name] = products.matrix.pow(2).sum()
         else:  # small layers: an exact decomposition, which reports ||ΔW||² itself
-            spectra[name] = top_singular(products.matrix, k, config.seed, above, config.svd_niter)
+            spectra[name] = top_singular(products.matrix, k, config.seed, above, config.advanced.svd_niter)
         del products, system
         clock.mark("decompose")
     group_cache.clear()

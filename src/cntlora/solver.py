@@ -141,7 +141,7 @@ def mode_constraints(config: CNTLoRAConfig) -> list:
     if config.mode == "cross":
         cons = [reproduce_frozen("fine")]
         return cons + ([vanish("pretrain", config.gamma)] if config.gamma > 0 else [])
-    return [align_moments(config.shift_alignment, floor=config.shift_floor)]
+    return [align_moments(config.advanced.shift_alignment, floor=config.advanced.shift_floor)]
 
 
 def needs_pretrain(constraints: Sequence[Constraint]) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import CNTLoRAConfig, CNTLoRAError
-from ..statistics import default_forward, default_mask, to_device
+from ..batches import default_forward, default_mask, to_device
 
 PEFT_METHODS = ["default", "gaussian", "pissa_niter_4", "olora", "eva", "corda", "lora_ga"]
 CNTLORA_METHODS = [f"cntlora-{mode}{vas}" for vas in ("", "-vas") for mode in ("self", "cross", "shift")]
@@ -231,7 +231,7 @@ def cntlora_init(
     cfg_fields.update(r=kwargs.pop("r", 8), alpha=float(kwargs.pop("lora_alpha", 8)), use_rslora=kwargs.pop("use_rslora", False))
     cfg_fields["seed"] = seed
     cfg_fields.update(overrides or {})
-    config = CNTLoRAConfig(**cfg_fields)
+    config = CNTLoRAConfig.from_dict(cfg_fields)
     lora_config = _lora_config(kwargs)
     device = _device(model)
     batches = [to_device(b, device) for b in calibration_batches]

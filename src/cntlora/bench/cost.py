@@ -31,10 +31,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..cli import byte_size
-from ..config import CNTLoRAConfig, CNTLoRAError
+from ..units import byte_size
+from ..config import AdvancedConfig, CNTLoRAConfig, CNTLoRAError
 from ..plan import RANDOMIZED_SVD_ABOVE, synchronize
-from ..statistics import atomic_write, default_forward, to_device
+from ..batches import default_forward, to_device
+from ..files import atomic_write
 
 LINEAR_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Llama shapes (random weights: the cost does not depend on the weights' values).
@@ -399,13 +400,13 @@ def svd_ablation(model, batches, device, args, lora_kwargs) -> dict:
     """solve() time on one set of statistics: the exact SVD up to 2048 against --randomized-svd-above
     or the default (256; above it a randomized SVD, which on the CPU above 2048 never forms ΔW)."""
     from ..plan import solve
-    from ..statistics import collect_statistics
+    from ..collect import collect_statistics
 
     stats = collect_statistics(model, batches, lora_kwargs["target_modules"], max_stats_memory=args.max_stats_memory,
                                offload=args.offload, progress=False, stats_dtype=_dtype(args.stats_dtype))
     out = {}
     for above in sorted({2048, args.randomized_svd_above or RANDOMIZED_SVD_ABOVE}):
-        config = CNTLoRAConfig(r=args.r, alpha=float(args.r), seed=args.seed, randomized_svd_above=above)
+        config = CNTLoRAConfig(r=args.r, alpha=float(args.r), seed=args.seed, advanced=AdvancedConfig(randomized_svd_above=above))
         t0 = time.perf_counter()
         plan = solve(model, stats, config)
         synchronize(device)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..config import CNTLoRAConfig, CNTLoRAError
-from ..statistics import atomic_write, to_device
+from ..batches import to_device
+from ..files import atomic_write
 from .baselines import METHODS, init_method
 
 DEFAULT_CHECKPOINTS = (10, 25, 50, 75, 100, 150, 200, 300, 400)

@@ -118,7 +118,7 @@ def perplexity(model, batches) -> float:
 
 
 def _to(batch, model):
-    from ..statistics import to_device
+    from ..batches import to_device
 
     return to_device(batch, next(model.parameters()).device)
 
