@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import CNTLoRAConfig, CNTLoRAError
-from .layers import base_layer, delta_to_weight, weight_matrix
+from .layers import base_layer, delta_to_weight
 from .plan import Plan, solve, solve_parts
 from .collect import collect_statistics, iter_statistics
 
@@ -31,10 +31,23 @@ def _needs_exact_names(adapted, module_names) -> bool:
 
 
 def lora_config_for(plan: Plan, lora_config=None, module_names=()):
-    """PEFT's LoraConfig for a plan; modules_to_save, dropout, bias, task_type... come from `lora_config`.
+    """PEFT's LoraConfig for a plan: ranks, alpha and targets from the plan, the rest from `lora_config`.
 
     Layer names are written as plain names, which downstream tools read, unless one of them is
     also the suffix of another module's name; then they become anchored, escaped patterns.
+
+    Args:
+        plan: the solved plan (cntlora.solve).
+        lora_config: a peft.LoraConfig whose other fields (modules_to_save, dropout, bias,
+            task_type...) are kept; None starts from LoraConfig().
+        module_names: every module name of the model, to detect names that are suffixes of others.
+
+    Returns:
+        A new peft.LoraConfig with init_lora_weights=False.
+
+    Raises:
+        CNTLoRAError: lora_config is not a LoraConfig, asks for DoRA or layer replication, or
+            every layer got rank 0.
     """
     from peft import LoraConfig
 
@@ -63,7 +76,23 @@ def lora_config_for(plan: Plan, lora_config=None, module_names=()):
 
 
 def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "default"):
-    """Wrap `model` (in place, as peft.get_peft_model does) and load the planned B and A."""
+    """Wrap `model` (in place, as peft.get_peft_model does) and load the planned B and A.
+
+    With base="residual", each adapted weight becomes W0 - s·B·A, so the output is unchanged.
+
+    Args:
+        model: the model the plan was solved for.
+        plan: the plan from cntlora.solve or cntlora.solve_parts.
+        lora_config: an optional peft.LoraConfig for everything the plan does not decide.
+        adapter_name: the PEFT adapter name.
+
+    Returns:
+        The peft.PeftModel; its `cntlora_plan` attribute holds the plan.
+
+    Raises:
+        CNTLoRAError: the config is unusable (see lora_config_for), the model mixes Conv1D with
+            other layer kinds, or PEFT wrapped other layers or gave another scale than planned.
+    """
     from peft import get_peft_model
 
     t0 = time.perf_counter()
@@ -117,13 +146,32 @@ def initialize(
     progress: bool = True,
     adapter_name: str = "default",
 ):
-    """collect_statistics -> solve -> apply in one call; returns a peft.PeftModel.
+    """Collect statistics, solve and apply in one call.
 
-    The collection arguments are those of `collect_statistics`. With max_stats_memory, each
-    pass's layers are solved as soon as the pass ends and its statistics are then dropped, so
-    the device holds one pass's statistics (plus one layer's solve) at a time, and nothing goes
-    to host memory. offload=True instead collects every pass to host memory first and solves
-    afterwards, one input at a time: the lowest device memory, paid for in transfers."""
+    With max_stats_memory, each pass's layers are solved as soon as the pass ends and its
+    statistics are then dropped, so the device holds one pass's statistics (plus one layer's
+    solve) at a time, and nothing goes to host memory. offload=True instead collects every pass
+    to host memory first and solves afterwards: the lowest device memory, paid for in transfers.
+
+    Args:
+        model: the frozen model; it is wrapped in place.
+        dataloader: batches of fine-tuning data (see collect_statistics).
+        config: a CNTLoRAConfig; None uses the defaults.
+        target_modules: the layers to adapt (names, suffixes or a regex); None takes them from
+            lora_config.target_modules.
+        reference_dataloader: pre-training-like batches, for Cross and Shift.
+        lora_config: a peft.LoraConfig for what CNTLoRA does not decide (modules_to_save, dropout...).
+        max_batches, max_tokens, forward_fn, mask_fn, max_stats_memory, stats_dtype, stop_early,
+            progress: as in collect_statistics.
+        offload: collect every pass to host memory, then solve.
+        adapter_name: the PEFT adapter name.
+
+    Returns:
+        A peft.PeftModel to train as usual; `cntlora_plan` holds the plan and its timings.
+
+    Raises:
+        CNTLoRAError: no target modules, bad data or config; the message names the fix.
+    """
     config = config or CNTLoRAConfig()
     if target_modules is None and lora_config is not None and lora_config.target_modules:
         target_modules = (

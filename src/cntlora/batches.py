@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
+
+from .config import CNTLoRAError
 
 import torch
 from torch import nn
@@ -76,3 +79,39 @@ def _first_row(batch):
         return v
 
     return cut(batch)
+
+
+def length_of(dataloader) -> Optional[int]:
+    """len(dataloader), or None for a stream without a length."""
+    try:
+        return len(dataloader)
+    except TypeError:  # no __len__, or an IterableDataset's DataLoader
+        return None
+
+
+def check_caps(max_batches, max_tokens, max_stats_memory=None) -> None:
+    """Refuse caps that would collect nothing or drop data silently (zero, negative, not whole)."""
+    caps = (("max_batches", max_batches), ("max_tokens", max_tokens), ("max_stats_memory", max_stats_memory))
+    for name, value in caps:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise CNTLoRAError(f"{name}={value!r} would collect nothing or drop data; pass a positive integer, "
+                               "or None for all of it")
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the model in eval mode without gradients; restore every module's mode afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def model_device(model: nn.Module):
+    """Where the model's first parameter lives (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

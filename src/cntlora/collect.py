@@ -8,6 +8,7 @@ passes the data once per group. Under torch.distributed the sums are all-reduced
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -16,10 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import _ON_DEVICE, _batch_rows, _first_row, _host_mask, default_forward, default_mask, to_device
+from .batches import (_ON_DEVICE, _batch_rows, _first_row, _host_mask, check_caps, default_forward, default_mask,
+                      eval_mode, length_of, model_device, to_device)
 from .config import CNTLoRAError
 from .layers import LayerSpec, find_targets, input_rows, layer_spec, row_mask
-from .statistics import _GEMM_KIND, Statistics, Sums, add_gram, gram_blocks, model_fingerprint, stats_dtype_for, weight_digest
+from .statistics import (_GEMM_KIND, Statistics, Sums, add_gram, check_sums, model_fingerprint, stats_dtype_for,
+                         weight_digest)
 
 
 class _StopForward(Exception):
@@ -117,28 +120,17 @@ class _Collector:
                 h.remove()
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-
-
-def _model_device(model: nn.Module):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+# batches read from an iterable without a length when neither max_batches nor max_tokens is set
+STREAM_CAP = 10_000
 
 
 def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_fn, mask_fn, device, desc, progress):
     batches = tokens = 0
-    total = max_batches
-    if total is None and hasattr(dataloader, "__len__"):
-        total = len(dataloader)
+    length = length_of(dataloader)
+    stream_cap = length is None and max_batches is None and max_tokens is None
+    if stream_cap:
+        max_batches = STREAM_CAP
+    total = max_batches if length is None else min(length, max_batches or length)
     bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
     for batch in dataloader:
         if max_batches is not None and batches >= max_batches:
@@ -161,6 +153,9 @@ def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_
             if tokens >= max_tokens:
                 break
     bar.close()
+    if stream_cap and batches >= STREAM_CAP:
+        warnings.warn(f"the {desc} data has no length and was read up to {STREAM_CAP} batches; pass max_batches= "
+                      "or max_tokens= to read more or fewer", stacklevel=2)
     if batches == 0:
         raise CNTLoRAError(f"the {desc} dataloader yielded no batches; pass a dataloader with at least one batch")
     return batches, tokens
@@ -176,7 +171,7 @@ def _memory_passes(
     passes, current, used = [], [], 0
     for g in leaders:
         n = specs[g].in_features
-        need = itemsize * (sum((a1 - a0) * (n - a0) for a0, a1 in gram_blocks(n)) + n + 1)
+        need = Sums.nbytes_for(n, itemsize)
         if need > cap:
             raise CNTLoRAError(
                 f"the statistics of {g!r} alone need {need} bytes, over max_stats_memory={cap}; raise the cap"
@@ -237,20 +232,36 @@ def collect_statistics(
 ) -> Statistics:
     """Run the frozen model over the data and return the sums CNTLoRA solves from.
 
-    forward_fn(model, batch) runs one batch (default: model(**batch) for dicts, model(x) for
-    tensors and model(batch[0]) for tuples). mask_fn(batch) returns a (batch, seq) bool
-    tensor of positions to keep (default: attention_mask, minus labels == -100).
-    max_stats_memory (bytes) bounds the sums collected at once: the layers are split into
-    groups and the data is passed once per group (iter_statistics). All groups' sums are
-    returned together, so without offload they all end on the device; offload moves each
-    group's sums to the CPU when its pass ends. To bound the device memory without host
-    memory, let cntlora.initialize (or plan.solve_parts) solve each group as it arrives.
-    stats_dtype: torch.float32 or torch.float64 running sums (default: float32 on GPUs,
-    float64 on the CPU).
-    stop_early: end each forward pass (by an exception from the hook, caught here) once the
-    last layer input it collects has been seen, so the rest of the network (the LM head; the
-    later layers in a pass of a memory-capped collection) never runs. Turn it off when
-    forward_fn must run to the end (side effects, FSDP's post-forward resharding).
+    Args:
+        model: the model (it runs in eval mode without gradients; its modes are restored).
+        dataloader: an iterable of batches: dicts (passed as model(**batch)), tensors or tuples.
+            An iterable without a length (a generator, a stream) stops after STREAM_CAP batches
+            unless max_batches or max_tokens is given, with a warning.
+        target_modules: layer names, name suffixes, or one regex (matched in full).
+        reference_dataloader: pre-training-like batches, for Cross and Shift's pretrain_source="reference".
+        max_batches: stop after this many batches of each set (a positive int or None).
+        max_tokens: stop once this many positions (kept by the mask) were seen (a positive int or None).
+        forward_fn: forward_fn(model, batch) runs one batch (default: model(**batch) for dicts,
+            model(x) for tensors, model(batch[0]) for tuples).
+        mask_fn: mask_fn(batch) -> a (batch, seq) bool tensor of positions to keep (default:
+            attention_mask, minus labels == -100).
+        max_stats_memory: bytes of sums collected at once: the layers are split into groups and
+            the data is passed once per group (cntlora.initialize solves each as it arrives).
+        offload: move each group's sums to the CPU when its pass ends.
+        progress: show progress bars (rank 0 only under torch.distributed).
+        stats_dtype: torch.float32 or torch.float64 running sums (default: float32 on GPUs,
+            float64 on the CPU).
+        stop_early: end each forward pass once the last layer input it collects has been seen,
+            so the rest of the network (the LM head, later layers) never runs. Turn it off when
+            forward_fn must run to the end (side effects, FSDP's post-forward resharding).
+
+    Returns:
+        Statistics over the fine-tuning data (and the reference set), all-reduced under
+        torch.distributed, with the layers in the model's order.
+
+    Raises:
+        CNTLoRAError: no target matches, a dataloader yields no batch, a target never runs,
+            the activations are not finite, every position is masked out, or a cap is invalid.
     """
     parts = iter_statistics(model, dataloader, target_modules, reference_dataloader=reference_dataloader,
                             max_batches=max_batches, max_tokens=max_tokens, forward_fn=forward_fn, mask_fn=mask_fn,
@@ -283,19 +294,28 @@ def iter_statistics(
     stats_dtype: Optional[torch.dtype] = None,
     stop_early: bool = True,
 ) -> Iterator[Statistics]:
-    """collect_statistics one memory-capped pass at a time: yields a Statistics per group of
-    layer inputs (one, holding every target, without max_stats_memory), on the model's device.
+    """collect_statistics one memory-capped pass at a time.
 
     The sums of a group exist only until the consumer lets go of the yielded object, so a
     consumer that solves each part and drops it holds one group's statistics at a time. Under
     torch.distributed every rank must iterate: each part is all-reduced when its pass ends.
-    The arguments are collect_statistics'.
+
+    Args:
+        The arguments of collect_statistics (without offload).
+
+    Returns:
+        An iterator of Statistics, one per group of layer inputs (a single one holding every
+        target without max_stats_memory), on the model's device.
+
+    Raises:
+        CNTLoRAError: as collect_statistics; also a one-shot iterator with several passes.
     """
+    check_caps(max_batches, max_tokens, max_stats_memory)
     forward_fn = forward_fn or default_forward
     mask_fn = mask_fn or default_mask
     modules = find_targets(model, target_modules)
     specs = {name: layer_spec(name, m) for name, m in modules.items()}
-    device = _model_device(model)
+    device = model_device(model)
     dtype = stats_dtype_for(device, stats_dtype)
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
@@ -306,7 +326,7 @@ def iter_statistics(
     sets = [("fine", dataloader)] + ([("reference", reference_dataloader)] if reference_dataloader is not None else [])
     collector = _Collector(modules, specs, None, dtype, stop_early)
     gemm = lambda: {str(k[1]).replace("torch.", ""): v for k, v in _GEMM_KIND.items() if k[0] == device.type}  # noqa: E731
-    with _eval_mode(model):
+    with eval_mode(model):
         first = next(iter(dataloader), None)
         if first is None:
             raise CNTLoRAError("the fine dataloader yielded no batches; pass a dataloader with at least one batch")
@@ -347,7 +367,7 @@ def iter_statistics(
                 results[which], collector.sums = collector.sums, {}
                 info[which] = {"batches": batches, "passes": len(passes)}
                 _all_reduce(results[which])
-                _check_sums(which, results[which], collector.groups)
+                check_sums(which, results[which], collector.groups)
             info["stats_dtype"] = str(dtype).replace("torch.", "")
             info["gemm"] = gemm()
             leaders = set(results["fine"])
@@ -364,21 +384,3 @@ def iter_statistics(
             del results
             yield part
             del part  # the consumer decides how long this pass's sums live
-
-
-def _check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> None:
-    """Every sum finite (checked where it lives, one device sync) and every input seen."""
-    if not sums:
-        return
-    finite = [torch.stack([torch.isfinite(t).all() for t in s.tensors()]).all() for s in sums.values()]
-    seen = [s.count > 0 for s in sums.values()]
-    finite, seen = torch.stack([torch.stack(finite), torch.stack(seen)]).cpu().tolist()
-    for g, ok, any_row in zip(sums, finite, seen):
-        if not ok:
-            sharing = [n for n, lead in groups.items() if lead == g]
-            raise CNTLoRAError(
-                f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
-                "(fp16 overflow?), or mask those positions out with mask_fn"
-            )
-        if not any_row:
-            raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")

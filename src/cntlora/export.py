@@ -129,7 +129,20 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default") -> Non
     """Save a CNTLoRA PeftModel so that `load_adapter` reproduces it exactly.
 
     The folder is a PEFT adapter folder plus cntlora.json, init_factors.safetensors and, in
-    residual mode, residual_base.safetensors (only the changed base weights).
+    residual mode, residual_base.safetensors (only the changed base weights). The folder is
+    written next to `out_dir` and swapped in when complete.
+
+    Args:
+        peft_model: a PeftModel made by cntlora.apply / cntlora.initialize (or load_adapter).
+        out_dir: the folder; an existing one is replaced only if it is an adapter folder.
+        adapter_name: the PEFT adapter to save.
+
+    Returns:
+        None.
+
+    Raises:
+        CNTLoRAError: the model carries no cntlora plan, the adapter does not match it, or
+            out_dir is a file or a folder that is not an adapter folder.
     """
     plan = _plan_of(peft_model)
     layers = _lora_layers(peft_model, plan, adapter_name)
@@ -177,6 +190,20 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
 
     In residual mode the saved residual weights replace the targeted base weights first. The
     returned PeftModel carries `cntlora_plan` again, so `save_adapter` and `export_plain_lora` work.
+    Folders saved with the flat config of earlier versions load too.
+
+    Args:
+        base_model: a fresh copy of the base model the adapter was made from (changed in place
+            in residual mode).
+        adapter_dir: a folder written by save_adapter.
+        is_trainable: load the adapter for training.
+
+    Returns:
+        The peft.PeftModel.
+
+    Raises:
+        CNTLoRAError: not an adapter folder, a base model that already has LoRA layers or
+            lacks the saved layers, an incomplete folder, or an unknown format version.
     """
     from peft import PeftModel
 
@@ -220,6 +247,18 @@ def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default") -
     keep / subspace: the adapter as it is. residual: rank 2·r_l per layer with A' = [A; A0],
     B' = [B, -B0] and doubled alphas, so s is unchanged. modules_to_save come along.
     Load it with plain peft.PeftModel.from_pretrained(original_base, out_dir).
+
+    Args:
+        peft_model: a PeftModel made by cntlora (trained or not).
+        out_dir: the folder; an existing one is replaced only if it is an adapter folder.
+        adapter_name: the PEFT adapter to export.
+
+    Returns:
+        None.
+
+    Raises:
+        CNTLoRAError: the model carries no cntlora plan, residual mode with lora_bias, or
+            out_dir is a file or a folder that is not an adapter folder.
     """
     from peft import get_peft_model_state_dict
 

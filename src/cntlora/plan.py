@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .clock import PhaseClock, synchronize  # noqa: F401  (synchronize: the benchmark's timings)
 from .config import CNTLoRAConfig, CNTLoRAError
 from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores,
                         generalized_directions, lora_factors, objective_truncation, randomized_range, ritz_triplets, top_singular)
@@ -121,18 +122,47 @@ def _distributed() -> bool:
 
 
 def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool = False) -> Plan:
-    """Per-layer LoRA factors from statistics. Under torch.distributed, rank 0 solves and
-    broadcasts, so every rank holds identical adapters."""
+    """Solve for ΔW per layer and decompose it into LoRA factors.
+
+    Under torch.distributed, rank 0 solves and broadcasts, so every rank holds identical adapters.
+
+    Args:
+        model: the model the statistics were collected on (its weights are read, not changed).
+        stats: the Statistics from collect_statistics (or Statistics.load).
+        config: the CNTLoRAConfig.
+        progress: show a progress bar over the layers.
+
+    Returns:
+        The Plan: B, A and the rank of every layer, plus the scale and timings.
+
+    Raises:
+        CNTLoRAError: the statistics belong to another model or checkpoint, a mode needs
+            pre-training statistics that are missing, or a system is singular (raise ridge).
+    """
     return solve_parts(model, [stats], config, progress)
 
 
 def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRAConfig, progress: bool = False,
                 release: bool = False) -> Plan:
-    """solve() over statistics that arrive in parts (statistics.iter_statistics' passes): each
-    part's layers are solved and decomposed when it arrives, and only their spectra are kept,
-    so the statistics of one pass at a time are in memory. The plan is the one solve() gives
-    for the parts merged. release=True drops each input's sums from its part as soon as that
-    input's layers are solved (for parts nobody else reads; it empties them)."""
+    """`solve` over statistics that arrive in parts (the passes of iter_statistics).
+
+    Each part's layers are solved and decomposed when it arrives and only their spectra are
+    kept, so one pass's statistics at a time are in memory. The plan is the one `solve` gives
+    for the parts merged.
+
+    Args:
+        model, config, progress: as in solve.
+        parts: an iterable of Statistics with disjoint layers; under torch.distributed every
+            rank must iterate it.
+        release: drop each input's sums from its part as soon as its layers are solved (for
+            parts nobody else reads; it empties them).
+
+    Returns:
+        The Plan, identical on every rank.
+
+    Raises:
+        CNTLoRAError: as in solve, or no statistics were given.
+    """
     distributed = _distributed()
     solver = _Solver(model, config, progress) if not distributed or torch.distributed.get_rank() == 0 else None
     for part in parts:  # every rank iterates: the collection all-reduces each pass
@@ -154,44 +184,6 @@ IMPLICIT_ABOVE_ON_CPU = 2048
 def _solve_device(modules: Dict[str, nn.Module]) -> torch.device:
     """Solve where the weights live: the GPU when the model is on one."""
     return base_layer(next(iter(modules.values()))).weight.device if modules else torch.device("cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so the phase timings are true (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PhaseClock:
-    """Per-phase times of a loop that must not wait for the GPU: CUDA events between the
-    phases (read once at the end), wall clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.spans: List[tuple] = []
-        self.last = self._now()
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def mark(self, phase: str) -> None:
-        """The time since the previous mark goes to `phase`."""
-        now = self._now()
-        self.spans.append((phase, self.last, now))
-        self.last = now
-
-    def totals(self) -> Dict[str, float]:
-        if self.cuda:
-            self.last.synchronize()
-        out: Dict[str, float] = {}
-        for phase, start, end in self.spans:
-            seconds = start.elapsed_time(end) / 1000 if self.cuda else end - start
-            out[phase] = out.get(phase, 0.0) + seconds
-        return out
 
 
 def _system(stats: Statistics, layer: str, source: Optional[str], w0: torch.Tensor, constraints, ridge: float):

@@ -54,6 +54,11 @@ class Sums:
     def from_outer(cls, count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> "Sums":
         return cls(count, total, [outer[a0:a1, a0:].clone() for a0, a1 in gram_blocks(outer.shape[0])])
 
+    @staticmethod
+    def nbytes_for(n: int, itemsize: int) -> int:
+        """Bytes of the sums of an n-wide input with `itemsize`-byte entries."""
+        return itemsize * (sum((a1 - a0) * (n - a0) for a0, a1 in gram_blocks(n)) + n + 1)
+
     @property
     def outer(self) -> torch.Tensor:
         """Σ x xᵀ as a full n × n matrix, in the accumulator's dtype and place."""
@@ -308,3 +313,21 @@ def stats_dtype_for(device: torch.device, stats_dtype: Optional[torch.dtype]) ->
     if stats_dtype not in (torch.float32, torch.float64):
         raise CNTLoRAError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
     return stats_dtype
+
+
+def check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> None:
+    """Every sum finite (checked where it lives, one device sync) and every input seen."""
+    if not sums:
+        return
+    finite = [torch.stack([torch.isfinite(t).all() for t in s.tensors()]).all() for s in sums.values()]
+    seen = [s.count > 0 for s in sums.values()]
+    finite, seen = torch.stack([torch.stack(finite), torch.stack(seen)]).cpu().tolist()
+    for g, ok, any_row in zip(sums, finite, seen):
+        if not ok:
+            sharing = [n for n, lead in groups.items() if lead == g]
+            raise CNTLoRAError(
+                f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
+                "(fp16 overflow?), or mask those positions out with mask_fn"
+            )
+        if not any_row:
+            raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")
