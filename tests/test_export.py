@@ -278,9 +278,10 @@ def folder_bytes(folder):
 
 def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     original, model = initialized("cnn", "residual", vas=True)
-    out = tmp_path / "adapter"
+    out, plain = tmp_path / "adapter", tmp_path / "plain"
     save_adapter(model, out)
-    good, good_outputs = folder_bytes(out), outputs(model, "cnn")
+    export_plain_lora(model, plain)
+    good, good_plain, good_outputs = folder_bytes(out), folder_bytes(plain), outputs(model, "cnn")
     train(model, "cnn")
 
     def broken(*args, **kwargs):
@@ -289,12 +290,12 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     # PEFT's own files are already written into the staging folder when ours fail
     monkeypatch.setattr(export_module, "save_file", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_adapter(model, out)
+        save_adapter(model, out, overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_plain_lora(model, out)
+        export_plain_lora(model, plain, overwrite=True)
     monkeypatch.undo()
-    assert folder_bytes(out) == good
-    assert os.listdir(tmp_path) == ["adapter"], "a staging folder was left behind"
+    assert folder_bytes(out) == good and folder_bytes(plain) == good_plain
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "plain"], "a staging folder was left behind"
     reloaded = load_adapter(copy.deepcopy(original), out)
     torch.testing.assert_close(outputs(reloaded, "cnn"), good_outputs, atol=ATOL, rtol=0)
 
@@ -307,14 +308,19 @@ def test_failed_swap_restores_previous_adapter(tmp_path, monkeypatch):
     train(model, "cnn")
     real_replace = os.replace
 
-    def replace(src, dst):  # the old folder goes aside fine; moving the new one in fails
-        if os.path.basename(src).startswith(".export.tmp-"):
-            raise OSError("rename failed")
+    moved = []
+
+    def replace(src, dst):  # the first staged file moves in; the second fails
+        if os.path.basename(os.path.dirname(src)).startswith(".export.tmp-"):
+            if moved:
+                raise OSError("rename failed")
+            moved.append(src)
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
-        export_plain_lora(model, out)
+        export_plain_lora(model, out, overwrite=True)
+    assert moved, "the failure was not part-way through the swap"
     monkeypatch.undo()
     assert folder_bytes(out) == good
     assert os.listdir(tmp_path) == ["export"]

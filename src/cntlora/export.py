@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CNTLoRAConfig, CNTLoRAError
-from .files import write_directory_atomically
+from .files import JOURNAL, recover_directory, write_directory_atomically
 from .layers import LayerSpec, base_layer
 from .plan import LayerPlan, Plan
 
@@ -32,6 +32,8 @@ CNTLORA_FILE = "cntlora.json"
 INIT_FACTORS_FILE = "init_factors.safetensors"
 RESIDUAL_BASE_FILE = "residual_base.safetensors"
 FORMAT_VERSION = 1
+# every file save_adapter writes (PEFT's README.md model card is not replaced when one exists)
+SAVED_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, CNTLORA_FILE, INIT_FACTORS_FILE, RESIDUAL_BASE_FILE)
 
 
 def _plan_of(peft_model) -> Plan:
@@ -125,7 +127,7 @@ def _hoist_named_adapter(folder: str, adapter_name: str) -> None:
     os.rmdir(sub)
 
 
-def save_adapter(peft_model, out_dir: str, adapter_name: str = "default") -> None:
+def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwrite: bool = False) -> None:
     """Save a CNTLoRA PeftModel so that `load_adapter` reproduces it exactly.
 
     The folder is a PEFT adapter folder plus cntlora.json, init_factors.safetensors and, in
@@ -136,13 +138,14 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default") -> Non
         peft_model: a PeftModel made by cntlora.apply / cntlora.initialize (or load_adapter).
         out_dir: the folder; an existing one is replaced only if it is an adapter folder.
         adapter_name: the PEFT adapter to save.
+        overwrite: update an existing adapter folder: cntlora's files are replaced, others stay.
 
     Returns:
         None.
 
     Raises:
-        CNTLoRAError: the model carries no cntlora plan, the adapter does not match it, or
-            out_dir is a file or a folder that is not an adapter folder.
+        CNTLoRAError: the model carries no cntlora plan, the adapter does not match it, out_dir
+            is a file or a folder that is not an adapter folder, or it exists and overwrite is False.
     """
     plan = _plan_of(peft_model)
     layers = _lora_layers(peft_model, plan, adapter_name)
@@ -162,7 +165,8 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default") -> Non
         with open(os.path.join(folder, CNTLORA_FILE), "w") as f:
             json.dump(_metadata(plan), f, indent=2)
 
-    write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder")
+    write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder", owned=SAVED_FILES,
+                               overwrite=overwrite)
 
 
 def _apply_residual_base(base_model: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
@@ -207,6 +211,8 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
     """
     from peft import PeftModel
 
+    if os.path.isfile(os.path.join(adapter_dir, JOURNAL)):
+        recover_directory(adapter_dir)  # a save into this folder was interrupted: finish it first
     if not os.path.isfile(os.path.join(adapter_dir, PEFT_CONFIG_FILE)):
         raise CNTLoRAError(f"{adapter_dir} has no {PEFT_CONFIG_FILE}; pass a folder written by cntlora.save_adapter")
     if isinstance(base_model, PeftModel) or any(hasattr(m, "lora_A") for m in base_model.modules()):
@@ -241,7 +247,7 @@ def _doubled_config(lora_config, use_rslora: bool):
     return cfg
 
 
-def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default") -> None:
+def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default", overwrite: bool = False) -> None:
     """Write a standard PEFT LoRA folder that works on the ORIGINAL, unmodified base model.
 
     keep / subspace: the adapter as it is. residual: rank 2·r_l per layer with A' = [A; A0],
@@ -252,14 +258,19 @@ def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default") -
         peft_model: a PeftModel made by cntlora (trained or not).
         out_dir: the folder; an existing one is replaced only if it is an adapter folder.
         adapter_name: the PEFT adapter to export.
+        overwrite: update an existing plain adapter folder: its adapter files are replaced, others stay.
 
     Returns:
         None.
 
     Raises:
-        CNTLoRAError: the model carries no cntlora plan, residual mode with lora_bias, or
-            out_dir is a file or a folder that is not an adapter folder.
+        CNTLoRAError: the model carries no cntlora plan, residual mode with lora_bias, out_dir
+            is a file, a folder that is not an adapter folder, a cntlora adapter folder (its
+            cntlora.json would no longer match), or it exists and overwrite is False.
     """
+    if os.path.isfile(os.path.join(out_dir, CNTLORA_FILE)):
+        raise CNTLoRAError(f"{out_dir} holds a cntlora adapter ({CNTLORA_FILE}); exporting over it would leave its "
+                           "init factors out of step with the weights: export into another folder")
     from peft import get_peft_model_state_dict
 
     plan = _plan_of(peft_model)
@@ -295,4 +306,5 @@ def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default") -
         lora_config.save_pretrained(folder, auto_mapping_dict=auto_mapping)
         save_file(tensors, os.path.join(folder, PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
 
-    write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder")
+    write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder",
+                               owned=(PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), overwrite=overwrite)
