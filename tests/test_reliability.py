@@ -113,3 +113,139 @@ def test_a_folder_set_aside_by_a_killed_replace_is_restored(tmp_path):
         assert recover_directory(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "cntlora.json").exists() and not aside.exists()
     json.loads((tmp_path / "adapter" / "cntlora.json").read_text())
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(12, 12), torch.nn.Linear(12, 12)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = torch.nn.Linear(12, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def test_residual_refuses_weights_shared_with_another_module():
+    residual = CNTLoRAConfig(r=2, base="residual", strength=None)
+    model = _Shared()
+    before = model.a.weight.detach().clone()
+    with pytest.raises(CNTLoRAError, match="shared with"):
+        cntlora.initialize(model, feature_batches(), residual, target_modules=["a"], progress=False)
+    assert torch.equal(model.a.weight, before), "the shared weight changed"
+    cntlora.initialize(_Shared(), feature_batches(), CNTLoRAConfig(r=2), target_modules=["a", "b"], progress=False)
+
+
+def test_residual_on_a_tied_lm_head_is_refused():
+    from helpers import tiny_gpt2, token_batches
+
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(CNTLoRAError, match="tied weights"):
+        cntlora.initialize(model, token_batches(), CNTLoRAConfig(r=2, base="residual"), target_modules=["lm_head"],
+                           progress=False)
+    assert torch.equal(model.transformer.wte.weight, wte)
+
+
+def test_residual_keeps_the_output_of_a_module_called_twice():
+    model = _Twice()
+    x = feature_batches()[0]
+    with torch.no_grad():
+        want = model(x)
+    peft_model = cntlora.initialize(model, feature_batches(), CNTLoRAConfig(r=2, base="residual", strength=None),
+                                    target_modules=["fc", "out"], progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), want, atol=1e-5, rtol=0)
+
+
+def _saved_stats(tmp_path):
+    stats = cntlora.collect_statistics(TwoLayerMLP(), feature_batches(), ["fc1", "fc2"],
+                                       reference_dataloader=feature_batches(seed=5), progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    return stats, path
+
+
+def _rewrite(path, edit_tensors=None, edit_meta=None, out=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(out or path), metadata=meta)
+
+
+def _scale_counts(tensors):
+    for k in tensors:
+        if k.endswith("/count"):
+            tensors[k] = tensors[k] * 1000
+
+
+def _put_inf(tensors):
+    key = next(k for k in tensors if k.endswith("/outer"))
+    tensors[key][0, 0] = float("inf")
+
+
+@pytest.mark.parametrize("edit_tensors, edit_meta, match", [
+    (_scale_counts, None, "checksum"),
+    (_put_inf, None, "checksum"),
+    (None, lambda m: m.update(version="7"), "version '7' is unknown"),
+    (None, lambda m: m.update(layers="{"), "checksum"),
+])
+def test_edited_statistics_are_refused(tmp_path, edit_tensors, edit_meta, match):
+    _, path = _saved_stats(tmp_path)
+    _rewrite(path, edit_tensors, edit_meta)
+    with pytest.raises(CNTLoRAError, match=match):
+        cntlora.Statistics.load(path)
+
+
+def test_statistics_without_a_checksum_load_but_implausible_sums_do_not(tmp_path):
+    stats, path = _saved_stats(tmp_path)
+
+    def as_version_1(meta):
+        meta["version"] = "1"
+        meta.pop("checksum", None)
+
+    _rewrite(path, None, as_version_1)
+    loaded = cntlora.Statistics.load(path)
+    assert torch.equal(loaded.fine["fc1"].outer, stats.fine["fc1"].outer.cpu())
+    for edit, match in ((_put_inf, "NaN or Inf"), (lambda t: t.update({k: -t[k] for k in t if k.endswith("/count")}),
+                                                   "must be positive")):
+        _rewrite(path, edit, as_version_1, out=tmp_path / "bad.safetensors")
+        with pytest.raises(CNTLoRAError, match=match):
+            cntlora.Statistics.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "flipped", "foreign", "text"])
+def test_damaged_statistics_files_give_one_clear_error(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    _, path = _saved_stats(tmp_path)
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":
+        path.write_bytes(data[:-100] + bytes(b ^ 0xFF for b in data[-100:]))
+    elif damage == "foreign":
+        save_file({"w": torch.zeros(3)}, str(path))
+    else:
+        path.write_text('{"hello": "world"}')
+    with pytest.raises(CNTLoRAError):
+        cntlora.Statistics.load(path)

@@ -75,6 +75,21 @@ def lora_config_for(plan: Plan, lora_config=None, module_names=()):
     return cfg
 
 
+def _refuse_shared_weights(model: nn.Module, adapted) -> None:
+    """Residual mode rewrites W0: refuse a weight that another module (or layer) also uses."""
+    users: dict = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(pname.rsplit(".", 1)[0])
+    modules = dict(model.named_modules())
+    for name in adapted:
+        others = [u for u in users.get(id(base_layer(modules[name]).weight), []) if u != name]
+        if others:
+            raise CNTLoRAError(
+                f"the weight of {name!r} is shared with {others[:3]} (tied weights); base='residual' would change "
+                "them too. Use base='subspace' or 'keep', or leave the shared layers out of target_modules"
+            )
+
+
 def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "default"):
     """Wrap `model` (in place, as peft.get_peft_model does) and load the planned B and A.
 
@@ -91,11 +106,14 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
 
     Raises:
         CNTLoRAError: the config is unusable (see lora_config_for), the model mixes Conv1D with
-            other layer kinds, or PEFT wrapped other layers or gave another scale than planned.
+            other layer kinds, residual mode on a weight shared with another module, or PEFT
+            wrapped other layers or gave another scale than planned.
     """
     from peft import get_peft_model
 
     t0 = time.perf_counter()
+    if plan.config.base == "residual":
+        _refuse_shared_weights(model, plan.adapted)
     cfg = lora_config_for(plan, lora_config, [n for n, _ in model.named_modules()])
     mixed = {n for n in plan.adapted if plan.layers[n].spec.kind == "conv1d"}
     if mixed and len(mixed) != len(plan.adapted):

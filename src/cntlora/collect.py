@@ -21,8 +21,8 @@ from .batches import (_ON_DEVICE, _batch_rows, _first_row, _host_mask, check_cap
                       eval_mode, length_of, model_device, to_device)
 from .config import CNTLoRAError
 from .layers import LayerSpec, find_targets, input_rows, layer_spec, row_mask
-from .statistics import (_GEMM_KIND, Statistics, Sums, add_gram, check_sums, model_fingerprint, stats_dtype_for,
-                         weight_digest)
+from .gram import _GEMM_KIND, add_gram, stats_dtype_for
+from .statistics import Statistics, Sums, check_sums, model_fingerprint, weight_digest
 
 
 class _StopForward(Exception):

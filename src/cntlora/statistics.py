@@ -27,7 +27,8 @@ from .files import atomic_write
 from .layers import LayerSpec, layer_spec, weight_matrix
 from .solver import Moments
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds a content checksum
+READABLE_VERSIONS = ("1", "2")
 
 
 @dataclass
@@ -151,7 +152,15 @@ class Statistics:
         return sum(t.numel() * t.element_size() for s in sets for v in s.values() for t in v.tensors())
 
     def save(self, path: Union[str, os.PathLike], overwrite: bool = False) -> None:
-        """Write a safetensors file atomically; refuses to replace existing statistics."""
+        """Write the statistics to a safetensors file, atomically, with a content checksum.
+
+        Args:
+            path: the file to write.
+            overwrite: replace an existing file (by default statistics never overwrite statistics).
+
+        Raises:
+            CNTLoRAError: the file exists and overwrite is False.
+        """
         from safetensors.torch import save_file
 
         path = os.fspath(path)
@@ -174,35 +183,77 @@ class Statistics:
             "has_reference": str(self.reference is not None),
             "info": json.dumps(self.info),
         }
+        meta["checksum"] = _checksum(tensors, meta)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device="cpu") -> "Statistics":
+        """Read statistics written by `save`, after checking they are whole and plausible.
+
+        Args:
+            path: the safetensors file.
+            device: where the sums go.
+
+        Returns:
+            The Statistics.
+
+        Raises:
+            CNTLoRAError: no such file, not a statistics file, damaged (a checksum mismatch,
+                missing or malformed entries), an unknown format version, or implausible sums
+                (counts not positive, values not finite, a Gram matrix not symmetric).
+        """
         from safetensors import safe_open
 
         path = os.fspath(path)
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise CNTLoRAError(f"no statistics file at {path}; create one with Statistics.save")
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "cntlora.statistics":
-                raise CNTLoRAError(f"{path} is not a cntlora statistics file (no cntlora metadata)")
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "cntlora.statistics":
+                    raise CNTLoRAError(f"{path} is not a cntlora statistics file (no cntlora metadata)")
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+        except CNTLoRAError:
+            raise
+        except Exception as e:  # safetensors' own errors for truncated or corrupted files
+            raise CNTLoRAError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: "
+                               f"{str(e)[:200]}); collect the statistics again") from e
+        try:
+            stats = cls._from_file(meta, raw)
+        except CNTLoRAError as e:
+            raise CNTLoRAError(f"{path}: {e}") from None
+        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, IndexError) as e:
+            raise CNTLoRAError(f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+                               "collect the statistics again") from e
+        return stats.to(device)
+
+    @classmethod
+    def _from_file(cls, meta: Dict[str, str], raw: Dict[str, torch.Tensor]) -> "Statistics":
+        version = meta.get("version")
+        if version not in READABLE_VERSIONS:
+            raise CNTLoRAError(f"format version {version!r} is unknown; this cntlora reads {READABLE_VERSIONS}")
+        if version != "1" and meta.get("checksum") != _checksum(raw, meta):
+            raise CNTLoRAError("the content does not match its checksum (damaged or edited); collect the statistics again")
+        layers = {k: LayerSpec.from_dict(v) for k, v in json.loads(meta["layers"]).items()}
+        groups = json.loads(meta["groups"])
+        has_reference = meta["has_reference"] == "True"
         sets: Dict[str, Dict[str, Sums]] = {"fine": {}, "reference": {}}
         for key in raw:
-            which, rest = key.split("/", 1)
-            group = rest.rsplit("/", 1)[0]
+            which, group, field = key.split("/")
+            if which not in sets or field not in ("count", "total", "outer"):
+                raise CNTLoRAError(f"unexpected entry {key!r}")
             if group not in sets[which]:
-                sets[which][group] = Sums.from_outer(*(raw[f"{which}/{group}/{k}"] for k in ("count", "total", "outer")))
-        return cls(
-            layers={k: LayerSpec.from_dict(v) for k, v in json.loads(meta["layers"]).items()},
-            groups=json.loads(meta["groups"]),
-            fine=sets["fine"],
-            reference=sets["reference"] if meta.get("has_reference") == "True" else None,
-            fingerprint=meta["fingerprint"],
-            weight_digest=json.loads(meta["weight_digest"]),
-            info=json.loads(meta.get("info", "{}")),
-        )
+                sets[which][group] = _checked_sums(group, *(raw[f"{which}/{group}/{k}"] for k in ("count", "total", "outer")))
+        if set(groups) != set(layers):
+            raise CNTLoRAError("the layers and their groups do not match")
+        for which in ("fine", "reference") if has_reference else ("fine",):
+            for name, group in groups.items():
+                sums = sets[which].get(group)
+                if sums is None or sums.total.numel() != layers[group].in_features:
+                    raise CNTLoRAError(f"the {which} sums of {name!r} are missing or of the wrong size")
+        return cls(layers=layers, groups=groups, fine=sets["fine"], reference=sets["reference"] if has_reference else None,
+                   fingerprint=str(meta["fingerprint"]), weight_digest=dict(json.loads(meta["weight_digest"])),
+                   info=json.loads(meta.get("info", "{}")))
 
     def check_model(self, model: nn.Module) -> Dict[str, nn.Module]:
         """The target modules of `model`, after checking these statistics belong to it."""
@@ -257,64 +308,6 @@ def gram_blocks(n: int) -> List[tuple]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-_GEMM_KIND: Dict[tuple, str] = {}
-
-
-def _gemm_kind(rows: torch.Tensor, acc: torch.Tensor) -> str:
-    """How to add rowsᵀ·rows into acc on this device, checked once per (device, dtypes).
-
-    "fused": one addmm with float32 output written into the accumulator (CUDA, bf16/fp16);
-    "mm_out": a float32-output GEMM, then an add; "upcast": float32 rows, then addmm.
-    Each candidate is checked against the float32 result before it is trusted.
-    """
-    key = (rows.device.type, rows.dtype, acc.dtype)
-    if key in _GEMM_KIND:
-        return _GEMM_KIND[key]
-    kind = "upcast"
-    if rows.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
-        gen = torch.Generator(device=rows.device).manual_seed(0)
-        x = torch.randn(64, 48, device=rows.device, generator=gen).to(rows.dtype)
-        want = x.float().T @ x.float() + 1.0  # onto a running sum that is not zero
-        for candidate in ("fused", "mm_out"):
-            try:
-                trial = torch.ones(48, 48, device=rows.device)
-                _add_product(candidate, trial, x.T, x)
-                if torch.allclose(trial, want, rtol=1e-3, atol=1e-3):
-                    kind = candidate
-                    break
-            except (RuntimeError, TypeError):
-                continue
-    _GEMM_KIND[key] = kind
-    return kind
-
-
-def _add_product(kind: str, acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    if kind == "fused":
-        torch.addmm(acc, left, right, out_dtype=torch.float32, out=acc)
-    elif kind == "mm_out":
-        acc.add_(torch.mm(left, right, out_dtype=torch.float32))
-    elif acc.dtype == torch.float32:
-        acc.addmm_(left.float(), right.float())
-    else:  # float64 running sums of float32 per-batch products
-        acc.add_(left.float() @ right.float())
-
-
-def add_gram(sums: Sums, rows: torch.Tensor) -> None:
-    """sums.rows += the upper block rows of rowsᵀ·rows: one GEMM per block row."""
-    kind = _gemm_kind(rows, sums.rows[0])
-    for (a0, a1), acc in zip(sums.blocks(), sums.rows):
-        _add_product(kind, acc, rows[:, a0:a1].T, rows[:, a0:])
-
-
-def stats_dtype_for(device: torch.device, stats_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The running sums' dtype: float32 on GPUs (fast GEMM accumulation), float64 on the CPU."""
-    if stats_dtype is None:
-        return torch.float32 if device.type == "cuda" else torch.float64
-    if stats_dtype not in (torch.float32, torch.float64):
-        raise CNTLoRAError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
-    return stats_dtype
-
-
 def check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> None:
     """Every sum finite (checked where it lives, one device sync) and every input seen."""
     if not sums:
@@ -331,3 +324,28 @@ def check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> Non
             )
         if not any_row:
             raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")
+
+
+def _checksum(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> str:
+    """sha256 over the metadata (but the checksum) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _checked_sums(group: str, count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> Sums:
+    """Sums read from a file, refused unless they could have come from real data."""
+    n = total.numel()
+    if count.numel() != 1 or total.dim() != 1 or tuple(outer.shape) != (n, n):
+        raise CNTLoRAError(f"the sums of {group!r} have inconsistent shapes")
+    if not all(bool(torch.isfinite(t).all()) for t in (count, total, outer)):
+        raise CNTLoRAError(f"the sums of {group!r} hold NaN or Inf")
+    if not float(count) > 0:
+        raise CNTLoRAError(f"the sums of {group!r} count {float(count)} rows; a count must be positive")
+    scale = float(outer.abs().max()) or 1.0
+    if float((outer - outer.T).abs().max()) > 1e-6 * scale or bool((outer.diagonal() < 0).any()):
+        raise CNTLoRAError(f"the Gram matrix of {group!r} is not symmetric positive semi-definite")
+    return Sums.from_outer(count.double(), total, outer)
