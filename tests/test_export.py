@@ -355,5 +355,5 @@ def test_errors_name_the_fix(tmp_path):
         load_adapter(cnn(), tmp_path / "missing")
 
     os.remove(tmp_path / "adapter" / "init_factors.safetensors")
-    with pytest.raises(CNTLoRAError, match="init_factors.safetensors lacks layer"):
+    with pytest.raises(CNTLoRAError, match="init_factors.safetensors is missing"):
         load_adapter(cnn(), tmp_path / "adapter")

@@ -249,3 +249,44 @@ def test_damaged_statistics_files_give_one_clear_error(tmp_path, damage):
         path.write_text('{"hello": "world"}')
     with pytest.raises(CNTLoRAError):
         cntlora.Statistics.load(path)
+
+
+def test_a_residual_adapter_refuses_another_checkpoint_of_the_same_shape(tmp_path):
+    cntlora.save_adapter(_adapter("residual"), tmp_path / "a")
+    other = TwoLayerMLP(seed=7)
+    before = other.fc1.weight.detach().clone()
+    with pytest.raises(CNTLoRAError, match="differ from the checkpoint"):
+        cntlora.load_adapter(other, tmp_path / "a")
+    assert torch.equal(other.fc1.weight, before), "the weights were overwritten before the check"
+    torch.manual_seed(0)
+    cntlora.load_adapter(TwoLayerMLP(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("damage", ["truncate-factors", "flip-residual", "bad-json", "empty-json", "bad-weights",
+                                    "drop-layer"])
+def test_damaged_adapter_folders_give_one_clear_error(tmp_path, damage):
+    out = tmp_path / "a"
+    cntlora.save_adapter(_adapter("residual"), out)
+    if damage == "truncate-factors":
+        data = (out / "init_factors.safetensors").read_bytes()
+        (out / "init_factors.safetensors").write_bytes(data[:40])
+    elif damage == "flip-residual":
+        data = bytearray((out / "residual_base.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (out / "residual_base.safetensors").write_bytes(bytes(data))
+    elif damage == "bad-json":
+        (out / "cntlora.json").write_text("{not json")
+    elif damage == "empty-json":
+        (out / "cntlora.json").write_text("[]")
+    elif damage == "bad-weights":
+        (out / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    else:
+        meta = json.loads((out / "cntlora.json").read_text())
+        meta["layers"]["fc1"].pop("spec")
+        (out / "cntlora.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    base = TwoLayerMLP()
+    before = base.fc1.weight.detach().clone()
+    with pytest.raises(CNTLoRAError):
+        cntlora.load_adapter(base, out)
+    assert torch.equal(base.fc1.weight, before) or damage == "bad-weights"

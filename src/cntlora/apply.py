@@ -18,6 +18,7 @@ from .config import CNTLoRAConfig, CNTLoRAError
 from .layers import base_layer, delta_to_weight
 from .plan import Plan, solve, solve_parts
 from .collect import collect_statistics, iter_statistics
+from .statistics import weight_digest
 
 # What CNTLoRA decides; everything else in a user's LoraConfig is honoured as given.
 _DECIDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")
@@ -114,6 +115,8 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
     t0 = time.perf_counter()
     if plan.config.base == "residual":
         _refuse_shared_weights(model, plan.adapted)
+        modules = dict(model.named_modules())
+        plan.base_digest = weight_digest({n: modules[n] for n in plan.adapted}, {n: plan.layers[n].spec for n in plan.adapted})
     cfg = lora_config_for(plan, lora_config, [n for n, _ in model.named_modules()])
     mixed = {n for n in plan.adapted if plan.layers[n].spec.kind == "conv1d"}
     if mixed and len(mixed) != len(plan.adapted):

@@ -12,6 +12,7 @@ residual base: in residual mode W0 + s·(B·A - B0·A0) = W0 + s·[B, -B0]·[A; 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .config import CNTLoRAConfig, CNTLoRAError
 from .files import JOURNAL, recover_directory, write_directory_atomically
 from .layers import LayerSpec, base_layer
 from .plan import LayerPlan, Plan
+from .statistics import weight_digest
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,6 +69,30 @@ def _lora_layers(peft_model, plan: Plan, adapter_name: str) -> Dict[str, nn.Modu
     return layers
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_base(base_model: nn.Module, meta: dict, residual: Dict[str, torch.Tensor]) -> None:
+    """A residual adapter fits only the checkpoint it was made from: compare the base's W0 digests."""
+    modules = dict(base_model.named_modules())
+    for name, want in (meta.get("base_digest") or {}).items():
+        spec = LayerSpec.from_dict(meta["layers"][name]["spec"])
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or name not in residual or weight.shape != residual[name].shape:
+            continue  # _apply_residual_base names the missing layer or the other shape
+        got = weight_digest({name: modules[name]}, {name: spec})[name]
+        close = all(math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+                    for a, b in zip(got.split("/"), want.split("/")))
+        if not close:
+            raise CNTLoRAError(f"the weights of {name!r} differ from the checkpoint this residual adapter was made "
+                               "from; pass that checkpoint (a residual adapter replaces the base weights)")
+
+
 def _config_dict(config: CNTLoRAConfig) -> dict:
     d = config.to_dict()
     if config.constraints is not None:  # a reloaded config holds the descriptions already
@@ -84,6 +110,7 @@ def _metadata(plan: Plan) -> dict:
         "budget": plan.budget,
         "params": plan.params,
         "ranks": {n: lp.rank for n, lp in plan.layers.items()},
+        "base_digest": plan.base_digest,
         "layers": {
             n: {
                 "spec": lp.spec.to_dict(),
@@ -114,7 +141,7 @@ def _plan_from_folder(meta: dict, factors: Dict[str, torch.Tensor]) -> Plan:
         a = factors[f"{name}.A"] if rank > 0 else torch.zeros(0, spec.in_features)
         singular_values = torch.tensor(d["singular_values"], dtype=torch.float64)
         layers[name] = LayerPlan(name, spec, rank, b, a, singular_values, d["delta_energy"], d["w0_norm"], d["cap"])
-    return Plan(config, layers, meta["pretrain_source"], meta["budget"], {})
+    return Plan(config, layers, meta["pretrain_source"], meta["budget"], {}, base_digest=dict(meta.get("base_digest") or {}))
 
 
 def _hoist_named_adapter(folder: str, adapter_name: str) -> None:
@@ -162,8 +189,11 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwr
             # The frozen weights as they are now: W0 - s·B0·A0, laid out like the layer's weight.
             residual = {name: base_layer(layer).weight.detach().to("cpu", copy=True) for name, layer in layers.items()}
             save_file(residual, os.path.join(folder, RESIDUAL_BASE_FILE), metadata={"format": "pt"})
+        meta = _metadata(plan)
+        meta["checksums"] = {f: _file_sha256(os.path.join(folder, f)) for f in (INIT_FACTORS_FILE, RESIDUAL_BASE_FILE)
+                             if os.path.isfile(os.path.join(folder, f))}
         with open(os.path.join(folder, CNTLORA_FILE), "w") as f:
-            json.dump(_metadata(plan), f, indent=2)
+            json.dump(meta, f, indent=2)
 
     write_directory_atomically(out_dir, write, marker=PEFT_CONFIG_FILE, kind="an adapter folder", owned=SAVED_FILES,
                                overwrite=overwrite)
@@ -217,22 +247,50 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
         raise CNTLoRAError(f"{adapter_dir} has no {PEFT_CONFIG_FILE}; pass a folder written by cntlora.save_adapter")
     if isinstance(base_model, PeftModel) or any(hasattr(m, "lora_A") for m in base_model.modules()):
         raise CNTLoRAError("the base model already has LoRA layers; pass a fresh copy of the original base model")
-    meta_path = os.path.join(adapter_dir, CNTLORA_FILE)
-    meta = None
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    residual_path = os.path.join(adapter_dir, RESIDUAL_BASE_FILE)
-    if os.path.isfile(residual_path):
-        _apply_residual_base(base_model, load_file(residual_path))
-    elif meta is not None and meta["base"] == "residual":
-        raise CNTLoRAError(f"{adapter_dir} is a residual-mode adapter without {RESIDUAL_BASE_FILE}; save it again")
-    peft_model = PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+    meta, factors, residual = _read_folder(str(adapter_dir))
+    if residual is not None:
+        _check_base(base_model, meta or {}, residual)
+        _apply_residual_base(base_model, residual)
+    try:
+        peft_model = PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+    except Exception as e:  # a damaged adapter_model / adapter_config: PEFT's and safetensors' errors
+        raise CNTLoRAError(f"PEFT could not load {adapter_dir} ({type(e).__name__}: {str(e)[:200]}); "
+                           "the folder is damaged or belongs to another model") from e
     if meta is not None:
-        factors_path = os.path.join(adapter_dir, INIT_FACTORS_FILE)
-        factors = load_file(factors_path) if os.path.isfile(factors_path) else {}
         peft_model.cntlora_plan = _plan_from_folder(meta, factors)
     return peft_model
+
+
+def _read_folder(adapter_dir: str):
+    """(cntlora.json's content or None, init factors, residual base or None), checked before any weight changes."""
+    meta, factors, residual = None, {}, None
+    meta_path = os.path.join(adapter_dir, CNTLORA_FILE)
+    try:
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
+                raise ValueError("not a cntlora.json object")
+        for name, checksum in ((meta or {}).get("checksums") or {}).items():
+            path = os.path.join(adapter_dir, name)
+            if not os.path.isfile(path) or _file_sha256(path) != checksum:
+                raise CNTLoRAError(f"{path} is missing or does not match its checksum in {CNTLORA_FILE}; "
+                                   "the folder is damaged: save it again")
+        factors_path = os.path.join(adapter_dir, INIT_FACTORS_FILE)
+        if meta is not None and os.path.isfile(factors_path):
+            factors = load_file(factors_path)
+        residual_path = os.path.join(adapter_dir, RESIDUAL_BASE_FILE)
+        if os.path.isfile(residual_path):
+            residual = load_file(residual_path)
+        elif meta is not None and meta.get("base") == "residual":
+            raise CNTLoRAError(f"{adapter_dir} is a residual-mode adapter without {RESIDUAL_BASE_FILE}; save it again")
+        if meta is not None:
+            _plan_from_folder(meta, factors)  # every field readable before the model is touched
+    except CNTLoRAError:
+        raise
+    except Exception as e:  # JSON, safetensors and field errors of a damaged folder
+        raise CNTLoRAError(f"{adapter_dir} is damaged ({type(e).__name__}: {str(e)[:200]}); save the adapter again") from e
+    return meta, factors, residual
 
 
 def _doubled_config(lora_config, use_rslora: bool):

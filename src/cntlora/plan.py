@@ -60,6 +60,7 @@ class Plan:
     budget: int
     timings: Dict[str, float] = field(default_factory=dict)
     stats_info: dict = field(default_factory=dict)  # how the statistics were collected, and their bytes
+    base_digest: Dict[str, str] = field(default_factory=dict)  # residual mode: the original W0 of each layer
 
     @property
     def scale(self) -> float:
