@@ -290,3 +290,60 @@ def test_damaged_adapter_folders_give_one_clear_error(tmp_path, damage):
     with pytest.raises(CNTLoRAError):
         cntlora.load_adapter(base, out)
     assert torch.equal(base.fc1.weight, before) or damage == "bad-weights"
+
+
+@pytest.mark.parametrize("batches, match", [
+    ([torch.randn(8, 5)], "forward pass failed on"),                      # wrong feature size
+    ([torch.randint(0, 5, (8, 12))], "forward pass failed on"),           # integer features
+    ([["some", "strings"]], "forward pass failed on"),                    # strings
+])
+def test_batches_that_do_not_fit_the_model_give_one_clear_error(batches, match):
+    with pytest.raises(CNTLoRAError, match=match):
+        cntlora.collect_statistics(TwoLayerMLP(), batches, ["fc1"], progress=False)
+
+
+def test_sequences_longer_than_the_models_positions_give_one_clear_error():
+    from helpers import tiny_gpt2
+
+    long = {"input_ids": torch.randint(0, 100, (2, 200))}  # tiny_gpt2 has 64 positions
+    with pytest.raises(CNTLoRAError, match="forward pass failed"):
+        cntlora.collect_statistics(tiny_gpt2(), [long], ["c_attn"], progress=False)
+
+
+def test_an_invalid_regex_and_a_meta_model_give_one_clear_error():
+    with pytest.raises(CNTLoRAError, match="not a valid regular expression"):
+        cntlora.collect_statistics(TwoLayerMLP(), feature_batches(), "fc[", progress=False)
+    with torch.device("meta"):
+        meta = TwoLayerMLP()
+    with pytest.raises(CNTLoRAError, match="meta device"):
+        cntlora.collect_statistics(meta, feature_batches(), ["fc1"], progress=False)
+
+
+def test_a_nan_weight_is_named():
+    model = TwoLayerMLP()
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")  # the inputs of fc2 stay finite
+    stats = cntlora.collect_statistics(model, feature_batches(), ["fc1", "fc2"], progress=False)
+    with pytest.raises(CNTLoRAError, match=r"\['fc2'\] hold NaN or Inf"):
+        cntlora.solve(model, stats, CNTLoRAConfig(r=2, pretrain_source="isotropic"))
+
+
+def test_all_zero_inputs_say_that_no_ridge_can_help():
+    zeros = [torch.zeros(8, 12)]
+    model = TwoLayerMLP()
+    stats = cntlora.collect_statistics(model, zeros, ["fc1"], progress=False)
+    with pytest.raises(CNTLoRAError, match="no ridge can help"):
+        cntlora.solve(model, stats, CNTLoRAConfig(r=2))
+
+
+def test_inputs_that_overflow_float32_squares_are_accumulated_wider():
+    big = [b * 1e20 for b in feature_batches()]  # finite, but x² overflows float32
+    model = TwoLayerMLP()
+    stats = cntlora.collect_statistics(model, big, ["fc1"], progress=False, stats_dtype=torch.float64)
+    assert torch.isfinite(stats.fine["fc1"].outer).all()
+    plain = cntlora.collect_statistics(model, feature_batches(), ["fc1"], progress=False)
+    cfg = CNTLoRAConfig(r=2)
+    # Self under the relative ridge does not depend on the scale of the inputs
+    got = cntlora.solve(model, stats, cfg).layers["fc1"]
+    want = cntlora.solve(model, plain, cfg).layers["fc1"]
+    torch.testing.assert_close((got.B @ got.A).double(), (want.B @ want.A).double(), atol=1e-5, rtol=1e-4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import CNTLoRAError
 
@@ -115,3 +115,22 @@ def model_device(model: nn.Module):
     """Where the model's first parameter lives (the CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook to end a forward pass early; caught by _run_pass."""
+
+
+def _forward(forward_fn: Callable, model: nn.Module, batch, what: Optional[str]) -> None:
+    """forward_fn(model, batch); with `what`, a failure becomes one CNTLoRAError that names the batch."""
+    try:
+        forward_fn(model, batch)
+    except (_StopForward, CNTLoRAError):
+        raise
+    except Exception as e:
+        if what is None:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CNTLoRAError(f"the model's forward pass failed on {what} ({type(e).__name__}: {first}); check that the "
+                           "batches fit the model (feature size, dtype, length within its positions), or pass "
+                           "forward_fn=") from e

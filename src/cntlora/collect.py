@@ -17,16 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import (_ON_DEVICE, _batch_rows, _first_row, _host_mask, check_caps, default_forward, default_mask,
+from .batches import (_ON_DEVICE, _forward, _StopForward, _batch_rows, _first_row, _host_mask, check_caps, default_forward, default_mask,
                       eval_mode, length_of, model_device, to_device)
 from .config import CNTLoRAError
 from .layers import LayerSpec, find_targets, input_rows, layer_spec, row_mask
 from .gram import _GEMM_KIND, add_gram, stats_dtype_for
 from .statistics import Statistics, Sums, check_sums, model_fingerprint, weight_digest
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook to end a forward pass early; caught by _run_pass."""
 
 
 class _Collector:
@@ -142,7 +138,7 @@ def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_
             mask = mask.to(device, non_blocking=True)
         collector.start_batch(mask)
         try:
-            forward_fn(model, batch)
+            _forward(forward_fn, model, batch, f"{desc} batch {batches + 1}")
         except _StopForward:
             pass
         collector.seen_every_target()
@@ -184,14 +180,15 @@ def _memory_passes(
     return passes + [current]
 
 
-def _discover(model: nn.Module, collector: "_Collector", batch, forward_fn: Callable, device) -> None:
+def _discover(model: nn.Module, collector: "_Collector", batch, forward_fn: Callable, device,
+              what: Optional[str] = None) -> None:
     """One forward pass with the hooks attached and nothing collected: it records the order in
     which the targets run, which share an input and which run twice (then no early stop)."""
     active, collector.active = collector.active, set()
     try:
         collector.start_batch(None)
         with collector.attached():
-            forward_fn(model, to_device(batch, device))
+            _forward(forward_fn, model, to_device(batch, device), what)
     finally:
         collector.active = active
     collector.seen_every_target()
@@ -311,6 +308,9 @@ def iter_statistics(
         CNTLoRAError: as collect_statistics; also a one-shot iterator with several passes.
     """
     check_caps(max_batches, max_tokens, max_stats_memory)
+    if any(p.is_meta for p in model.parameters()):
+        raise CNTLoRAError("the model is on the meta device (no weights are loaded); load it with its weights, "
+                           "e.g. from_pretrained without init_empty_weights, before initializing")
     forward_fn = forward_fn or default_forward
     mask_fn = mask_fn or default_mask
     modules = find_targets(model, target_modules)
@@ -340,11 +340,11 @@ def iter_statistics(
         except CNTLoRAError:
             raise
         except Exception:  # a forward that needs the whole batch (a fixed batch size): discover on it
-            _discover(model, collector, first, forward_fn, device)
+            _discover(model, collector, first, forward_fn, device, what="the first batch")
         passes: List[Optional[List[str]]] = [None]  # None: every layer (discovery may go on into the pass)
         if max_stats_memory is not None:  # every layer's sharing is needed to plan the passes
             if collector.discover:  # some layer did not run on that row (a mixture of experts?)
-                _discover(model, collector, first, forward_fn, device)
+                _discover(model, collector, first, forward_fn, device, what="the first batch")
             _finish_discovery(collector)
             passes = _memory_passes(collector.groups, specs, max_stats_memory, dtype.itemsize)
         del first

@@ -49,7 +49,10 @@ def _add_product(kind: str, acc: torch.Tensor, left: torch.Tensor, right: torch.
     elif acc.dtype == torch.float32:
         acc.addmm_(left.float(), right.float())
     else:  # float64 running sums of float32 per-batch products
-        acc.add_(left.float() @ right.float())
+        product = left.float() @ right.float()
+        if acc.device.type == "cpu" and not bool(torch.isfinite(product).all()):  # x² beyond float32: go wider
+            product = left.double() @ right.double()
+        acc.add_(product)
 
 
 def add_gram(sums: Sums, rows: torch.Tensor) -> None:

@@ -144,6 +144,12 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
     entry matches a module whose name equals it or ends with '.' + it."""
     if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
         raise CNTLoRAError("target_modules is empty; name the layers to adapt, e.g. ['query', 'value']")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise CNTLoRAError(f"target_modules {target_modules!r} is not a valid regular expression ({e}); pass a "
+                               "list of names, e.g. ['query', 'value'], or fix the pattern") from None
     found = {}
     for name, module in model.named_modules():
         if not name or ".lora_" in name or name.endswith(".base_layer"):
@@ -163,3 +169,14 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
             f"layer names look like {examples}"
         )
     return found
+
+
+def check_finite_weights(modules: Dict[str, nn.Module]) -> None:
+    """Refuse target layers whose weight holds NaN or Inf (one device sync for all of them)."""
+    if not modules:
+        return
+    finite = torch.stack([torch.isfinite(base_layer(m).weight).all().cpu() for m in modules.values()]).tolist()
+    broken = [n for n, ok in zip(modules, finite) if not ok]
+    if broken:
+        raise CNTLoRAError(f"the weights of {broken[:3]} hold NaN or Inf; load a healthy checkpoint, or leave "
+                           "those layers out of target_modules")

@@ -19,7 +19,7 @@ from .clock import PhaseClock, synchronize  # noqa: F401  (synchronize: the benc
 from .config import CNTLoRAConfig, CNTLoRAError
 from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores,
                         generalized_directions, lora_factors, objective_truncation, randomized_range, ritz_triplets, top_singular)
-from .layers import LayerSpec, base_layer, weight_matrix
+from .layers import LayerSpec, base_layer, check_finite_weights, weight_matrix
 from .solver import mode_constraints, needs_pretrain, normal_equations, pretrain_moments
 from .statistics import Statistics
 
@@ -192,7 +192,10 @@ def _system(stats: Statistics, layer: str, source: Optional[str], w0: torch.Tens
     fine = stats.moments(layer, device=w0.device)
     reference = stats.moments(layer, "reference", device=w0.device) if source == "reference" else None
     pretrain = pretrain_moments(source, fine, w0, reference) if source else None
-    return normal_equations(fine, pretrain, constraints, ridge)
+    try:
+        return normal_equations(fine, pretrain, constraints, ridge)
+    except CNTLoRAError as e:
+        raise CNTLoRAError(f"layer {layer!r}: {e}") from None
 
 
 def _share_transfer(stats: Statistics, group: str) -> bool:
@@ -322,19 +325,17 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     clock = PhaseClock(device)
     adv = config.advanced
     above = RANDOMIZED_SVD_ABOVE if adv.randomized_svd_above is None else adv.randomized_svd_above
-    # On the CPU, the largest layers never form ΔW: the randomized SVD needs only products with
-    # it, which cost a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²). On GPUs the
-    # triangular solves with k right-hand sides are latency-bound (1.9 s for a 1B model on an
-    # H200, against 0.3 s for forming every ΔW; docs/benchmarks.md), so ΔW is formed there.
-    # The "energy" VAS score needs ||ΔW||², which also takes the formed ΔW.
-    # The objective truncation weighs ΔW by the system's factor, so it forms ΔW too.
+    # On the CPU, the largest layers never form ΔW: the randomized SVD needs only products with it
+    # (a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²)). On GPUs the triangular
+    # solves are latency-bound (1.9 s for a 1B model on an H200, against 0.3 s for forming every
+    # ΔW), so ΔW is formed there, and so it is for the "energy" VAS score and the objective truncation.
     implicit_allowed = (device.type == "cpu" and not (config.vas and config.advanced.vas_score == "energy")
                         and config.advanced.truncation == "frobenius")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
     # the last layer of each input: after it, release=True drops that input's sums
     last_of_group = {stats.groups[n]: n for n in stats.layers}
-    # Nothing in this loop reads a GPU value back (only a group's first system does), so the
-    # device never idles while Python prepares the next layer.
+    # Nothing in this loop reads a GPU value back (only a group's first system does).
+    check_finite_weights({n: modules[n] for n in stats.layers})
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
         spec = stats.layers[name]
         group = stats.groups[name]

@@ -279,6 +279,9 @@ def normal_equations(
     if rhs is None:
         rhs = torch.zeros(n, n, dtype=dtype, device=device)
 
+    if lam == 0.0 and float(torch.trace(gram)) == 0.0:
+        raise CNTLoRAError("every input row is zero, so there is no direction to solve for and no ridge can help; "
+                           "check the data (or the layers before), or leave this layer out of target_modules")
     gram.diagonal().add_(lam)
     # in place: one n×n float64 matrix less at the solve's memory peak (512 MB for n = 8192)
     chol, info = torch.linalg.cholesky_ex(gram, out=(gram, torch.empty((), dtype=torch.int32, device=device)))

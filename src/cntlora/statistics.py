@@ -319,8 +319,9 @@ def check_sums(which: str, sums: Dict[str, Sums], groups: Dict[str, str]) -> Non
         if not ok:
             sharing = [n for n, lead in groups.items() if lead == g]
             raise CNTLoRAError(
-                f"NaN or Inf in the {which} activations entering {sharing}; check the inputs and the model "
-                "(fp16 overflow?), or mask those positions out with mask_fn"
+                f"NaN or Inf in the sums of the {which} activations entering {sharing}: the activations are not "
+                "finite, or their squares overflow float32 (|x| above ~1e19). Check the inputs and the model (fp16 "
+                "overflow?), pass stats_dtype=torch.float64, or mask those positions out with mask_fn"
             )
         if not any_row:
             raise CNTLoRAError(f"every position entering {g!r} was masked out; check attention_mask/labels")
