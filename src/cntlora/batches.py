@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -13,7 +14,7 @@ from torch import nn
 
 def default_mask(batch) -> Optional[torch.Tensor]:
     """Positions to keep: attention_mask, minus labels == -100 where labels are per token."""
-    if not isinstance(batch, dict) or batch.get("attention_mask") is None:
+    if not isinstance(batch, Mapping) or batch.get("attention_mask") is None:
         return None
     mask = batch["attention_mask"].bool()
     labels = batch.get("labels")
@@ -23,7 +24,7 @@ def default_mask(batch) -> Optional[torch.Tensor]:
 
 
 def default_forward(model: nn.Module, batch):
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
@@ -33,8 +34,8 @@ def default_forward(model: nn.Module, batch):
 def to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}  # a BatchEncoding becomes a dict
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
@@ -56,7 +57,7 @@ def _host_mask(mask: Optional[torch.Tensor]):
 def _batch_rows(batch) -> int:
     first = batch
     while isinstance(first, (dict, list, tuple)):
-        first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+        first = next(iter(first.values())) if isinstance(first, Mapping) else first[0]
     return int(first.shape[0] * (first.shape[1] if first.dim() > 1 else 1))
 
 
@@ -65,14 +66,14 @@ def _first_row(batch):
     rows = None
     probe = batch
     while isinstance(probe, (dict, list, tuple)) and len(probe):
-        probe = next(iter(probe.values())) if isinstance(probe, dict) else probe[0]
+        probe = next(iter(probe.values())) if isinstance(probe, Mapping) else probe[0]
     if isinstance(probe, torch.Tensor) and probe.dim() > 0:
         rows = probe.shape[0]
 
     def cut(v):
         if isinstance(v, torch.Tensor):
             return v[:1] if rows is not None and v.dim() > 0 and v.shape[0] == rows else v
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             return {k: cut(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return type(v)(cut(x) for x in v)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from typing import Dict
 
 import torch
@@ -190,7 +191,8 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwr
             residual = {name: base_layer(layer).weight.detach().to("cpu", copy=True) for name, layer in layers.items()}
             save_file(residual, os.path.join(folder, RESIDUAL_BASE_FILE), metadata={"format": "pt"})
         meta = _metadata(plan)
-        meta["checksums"] = {f: _file_sha256(os.path.join(folder, f)) for f in (INIT_FACTORS_FILE, RESIDUAL_BASE_FILE)
+        meta["checksums"] = {f: _file_sha256(os.path.join(folder, f))
+                             for f in (INIT_FACTORS_FILE, RESIDUAL_BASE_FILE, PEFT_WEIGHTS_FILE)
                              if os.path.isfile(os.path.join(folder, f))}
         with open(os.path.join(folder, CNTLORA_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -261,6 +263,24 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
     return peft_model
 
 
+def _check_weights_file(path: str, meta: dict, checksum: str) -> None:
+    """The LoRA weights of every adapted layer are there and finite; a changed file is reported."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        for name, rank in meta.get("ranks", {}).items():
+            for part in ("lora_A", "lora_B"):
+                key = next((k for k in keys if k.endswith(f"{name}.{part}.weight")), None) if rank else ""
+                if key is None:
+                    raise CNTLoRAError(f"{path} lacks the {part} weight of layer {name!r}; the folder is damaged")
+                if key and not bool(torch.isfinite(f.get_tensor(key)).all()):
+                    raise CNTLoRAError(f"{path} holds NaN or Inf in {key}; the folder is damaged")
+    if _file_sha256(path) != checksum:
+        warnings.warn(f"{path} changed since cntlora saved it (trained further and saved with PEFT?); loading it as it is",
+                      stacklevel=4)
+
+
 def _read_folder(adapter_dir: str):
     """(cntlora.json's content or None, init factors, residual base or None), checked before any weight changes."""
     meta, factors, residual = None, {}, None
@@ -273,7 +293,9 @@ def _read_folder(adapter_dir: str):
                 raise ValueError("not a cntlora.json object")
         for name, checksum in ((meta or {}).get("checksums") or {}).items():
             path = os.path.join(adapter_dir, name)
-            if not os.path.isfile(path) or _file_sha256(path) != checksum:
+            if name == PEFT_WEIGHTS_FILE:  # PEFT may save trained weights over it: check what it holds instead
+                _check_weights_file(path, meta, checksum)
+            elif not os.path.isfile(path) or _file_sha256(path) != checksum:
                 raise CNTLoRAError(f"{path} is missing or does not match its checksum in {CNTLORA_FILE}; "
                                    "the folder is damaged: save it again")
         factors_path = os.path.join(adapter_dir, INIT_FACTORS_FILE)

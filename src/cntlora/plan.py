@@ -176,7 +176,7 @@ def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRACo
 
 # Layers with min(m, n) above this get a randomized SVD, on every device, so the CPU and the GPU
 # run the same algorithm: the exact path (an eigendecomposition per layer) took 2.5 s of a 1B
-# model's init on an H200 and 8 s of SmolLM2's on 2 CPU cores (docs/benchmarks.md).
+# model's init on an H200 and 8 s of SmolLM2's on 2 CPU cores.
 RANDOMIZED_SVD_ABOVE = 256
 # CPU layers above this never form ΔW (it also drops ||ΔW||² from the plan's summary)
 IMPLICIT_ABOVE_ON_CPU = 2048
