@@ -1,7 +1,7 @@
 """Write the models and data of the benchmark's tasks into one folder that can travel.
 
 The GPU machine has none of the packaged models or datasets; the tasks read this folder when
-$CNTLORA_BENCH_DATA names it (see cntlora.bench.tasks). Sizes: MiniLM in fp16 (~45 MB),
+$CNTLORA_BENCH_DATA names it (see bench.quality.tasks). Sizes: MiniLM in fp16 (~45 MB),
 MobileNetV2 in fp16 (~7 MB), the Fashion-MNIST subset the vision task uses (~3 MB), BBC News
 cut to 2,000 characters per article (well past the 128 tokens the task reads), and the reference
 sets of @pretrain_source=reference labels: 64 photo crops (zoo.reference_photos, 0.8 MB; needs
@@ -10,22 +10,22 @@ paragraphs of Python's documentation (zoo.reference_texts); with
 --only lm: SmolLM2-135M in fp16 (~270 MB, in shards of at most 50 MiB except the 54 MiB
 embedding, which one tensor fills) and the 42 Shakespeare plays as JSON (~5 MB).
 
-    python bench/quality/export_data.py OUT_DIR [--only text vision lm]   (default: text vision)
+    python -m bench.quality.export_data OUT_DIR [--only text vision lm]   (default: text vision)
 
 text + vision fit one 64 MiB transfer as they are; split a folder with lm in it with
-bench/quality/split_for_transfer.py.
+`python -m bench.quality.split_for_transfer`.
 """
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from cntlora import zoo
-from cntlora.bench.tasks import fashion_subset
+from cntlora.files import write_json
+
+from .tasks import fashion_subset
 
 
 def export_text(out: Path):
@@ -33,9 +33,9 @@ def export_text(out: Path):
     model.half().save_pretrained(out / "minilm", safe_serialization=True)
     tokenizer.save_pretrained(out / "minilm")
     texts, labels, names = zoo.bbc_news()
-    (out / "bbc.json").write_text(json.dumps({"texts": [t[:2000] for t in texts], "labels": labels, "class_names": names}))
+    write_json(out / "bbc.json", {"texts": [t[:2000] for t in texts], "labels": labels, "class_names": names}, indent=None)
     # the reference set of @pretrain_source=reference labels (text and lm): this Python's own docs
-    (out / "reference_texts.json").write_text(json.dumps(zoo.reference_texts()))
+    write_json(out / "reference_texts.json", zoo.reference_texts(), indent=None)
 
 
 def export_vision(out: Path):
@@ -51,11 +51,16 @@ def export_lm(out: Path):
     # 49152 × 576 embedding (54 MiB in fp16) stays one file of its own
     model.half().save_pretrained(out / "smollm2", max_shard_size=50 * 2**20)
     tokenizer.save_pretrained(out / "smollm2")
-    (out / "shakespeare.json").write_text(json.dumps(zoo.shakespeare()))
+    write_json(out / "shakespeare.json", zoo.shakespeare(), indent=None)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    """Export the parts named by --only into the folder named on the command line.
+
+    Returns:
+        0.
+    """
+    p = argparse.ArgumentParser(prog="python -m bench.quality.export_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--only", nargs="+", choices=["text", "vision", "lm"], default=["text", "vision"])
     a = p.parse_args(argv)
@@ -64,6 +69,7 @@ def main(argv=None):
     for name in a.only:
         {"text": export_text, "vision": export_vision, "lm": export_lm}[name](out)
     print(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, "MiB in", out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 """Measure how long one 200-step run takes, alone and with N workers sharing the device.
 
-    python bench/quality/probe.py --workers 12 --task vision
+    python -m bench.quality.probe --workers 12 --task vision
 """
 
 import argparse
 import sys
 import time
 
-from cntlora.bench.quality import Spec, run_many, train_once
-from cntlora.bench.tasks import make_task
+from .pool import Spec, run_many
+from .protocol import train_once
+from .tasks import make_task
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+def main(argv=None) -> int:
+    """Time the runs (see the module's docstring) and print each time.
+
+    Returns:
+        0.
+    """
+    p = argparse.ArgumentParser(prog="python -m bench.quality.probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="vision")
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--steps", type=int, default=200)
@@ -26,7 +33,8 @@ def main(argv=None):
     spec = Spec("probe", a.task, ["default"], list(range(a.workers)), [1e-3], a.steps)
     run_many([spec], a.workers, log=None)
     print(f"{a.task}: {a.workers} runs on {a.workers} workers: {time.time() - t0:.1f}s", flush=True)
+    return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # run_many's spawned workers import this module too
     sys.exit(main())

@@ -4,11 +4,11 @@ One device call carries at most 64 MiB, so a folder written by export_data.py wi
 (~320 MiB) goes over in parts: each part is carried by its own call and copied into one folder
 there. Files are not cut; each part holds whole files, at most --max-mib in all.
 
-    python bench/quality/split_for_transfer.py .bench_data              # -> .bench_data_0, .bench_data_1, ...
+    python -m bench.quality.split_for_transfer .bench_data              # -> .bench_data_0, .bench_data_1, ...
     # on the device machine, one call per part (carry: [".bench_data_K"]):
     mkdir -p .bench_gpu && cp -r .bench_data_K/. .bench_gpu/
     # then check that every file arrived:
-    python bench/quality/split_for_transfer.py --check .bench_gpu
+    python -m bench.quality.split_for_transfer --check .bench_gpu
 """
 
 import argparse
@@ -54,8 +54,13 @@ def check(folder: Path) -> list:
     return [name for name, size in files.items() if not (folder / name).is_file() or (folder / name).stat().st_size != size]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    """Split the folder named on the command line, or --check an assembled one.
+
+    Returns:
+        0, or 1 when --check finds files missing.
+    """
+    p = argparse.ArgumentParser(prog="python -m bench.quality.split_for_transfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="the export folder to split (or, with --check, the folder the parts were copied into)")
     p.add_argument("--max-mib", type=float, default=60, help="the most one part may hold (MiB)")
     p.add_argument("--prefix", default=None, help="part folder names: PREFIX0, PREFIX1, ... (default: FOLDER_)")

@@ -1,4 +1,4 @@
-"""Every initialization the benchmarks compare, behind one call each.
+"""Every initialization the benchmarks (quality and cost) compare, behind one call each.
 
 PEFT's own inits go through PEFT's public API only (LoraConfig.init_lora_weights, EVA's
 initialize_lora_eva_weights, CorDA's preprocess_corda, LoRA-GA's preprocess_loraga), so the
@@ -16,8 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import CNTLoRAConfig, CNTLoRAError
-from ..batches import default_forward, default_mask, to_device
+from cntlora.batches import default_forward, default_mask, to_device
+from cntlora.config import CNTLoRAConfig, CNTLoRAError
 
 PEFT_METHODS = ["default", "gaussian", "pissa_niter_4", "olora", "eva", "corda", "lora_ga"]
 CNTLORA_METHODS = [f"cntlora-{mode}{vas}" for vas in ("", "-vas") for mode in ("self", "cross", "shift")]
@@ -223,7 +223,7 @@ def cntlora_init(
     loss_fn is accepted (and unused) so every init has the same call. reference_batches: the
     pre-training-like set behind pretrain_source="reference".
     """
-    from ..apply import initialize
+    from cntlora.apply import initialize
 
     kwargs = dict(lora_kwargs)
     targets = _target_names(model, kwargs)

@@ -12,16 +12,17 @@ from torch import nn
 import cntlora
 import cntlora.batches as batches
 import cntlora.statistics as statistics
-from cntlora.bench import cost
-from cntlora.units import byte_size
+from bench.cost import command, inits, measure
+from bench.cost import report as cost_report
 from cntlora.decompose import DenseProducts, randomized_range, ritz_triplets
 from cntlora.plan import PhaseClock
 from cntlora.solver import mode_constraints, normal_equations, solve_delta
+from cntlora.units import byte_size
 
 
 def _args(tmp_path, **over):
     parser = argparse.ArgumentParser()
-    cost.add_arguments(parser)
+    command.add_arguments(parser)
     argv = ["--model", "llama-tiny", "--device", "cpu", "--seqs", "4", "--seq-len", "16", "--batch-size", "2",
             "--r", "4", "--repeats", "1", "--warmup", "0", "--quiet", "--out", str(tmp_path / "cost-tiny-cpu.json"),
             "--methods", "floor", "cntlora-cross", "default"]
@@ -33,7 +34,7 @@ def _args(tmp_path, **over):
 
 def test_benchmark_writes_results_and_summary(tmp_path):
     args = _args(tmp_path)
-    assert cost.run(args) == 0
+    assert command.run(args) == 0
     result = json.loads((tmp_path / "cost-tiny-cpu.json").read_text())
     assert result["tokens"] == 4 * 16 and result["device"] == "cpu" and result["params"] > 0
     assert set(result["methods"]) == {"floor", "cntlora-cross", "default"}
@@ -49,11 +50,11 @@ def test_benchmark_writes_results_and_summary(tmp_path):
     summary_path, plot_path = tmp_path / "cost-summary.json", tmp_path / "cost-scaling.png"
     args = _args(tmp_path, summarize=[str(tmp_path / "cost-tiny-cpu.json")], summary_out=str(summary_path),
                  plot=str(plot_path))
-    assert cost.run(args) == 0
+    assert command.run(args) == 0
     summary = json.loads(summary_path.read_text())
     assert list(summary) == ["runs"] and len(summary["runs"]) == 3
     for row in summary["runs"]:
-        assert list(row) == cost.SUMMARY_KEYS
+        assert list(row) == cost_report.SUMMARY_KEYS
         assert isinstance(row["params"], int) and isinstance(row["tokens"], int)
         assert isinstance(row["peak_memory_bytes"], int) and isinstance(row["repeats"], int)
         assert row["device"] in ("cpu", "h200")
@@ -63,7 +64,7 @@ def test_benchmark_writes_results_and_summary(tmp_path):
 
 def test_capped_run_streams_or_offloads_the_same_statistics(tmp_path):
     args = _args(tmp_path, methods=["cntlora-self", "cntlora-self-offload"], max_stats_memory=300_000)
-    assert cost.run(args) == 0
+    assert command.run(args) == 0
     methods = json.loads((tmp_path / "cost-tiny-cpu.json").read_text())["methods"]
     streamed, offloaded = (methods[m]["runs"][0] for m in ("cntlora-self", "cntlora-self-offload"))
     assert streamed["stats_info"]["fine"]["passes"] == offloaded["stats_info"]["fine"]["passes"] > 1
@@ -72,10 +73,10 @@ def test_capped_run_streams_or_offloads_the_same_statistics(tmp_path):
 
 def test_capped_eva_is_labelled_in_the_summary(tmp_path):
     args = _args(tmp_path, methods=["floor", "eva"], eva_cap_seconds=0.0)
-    cost.run(args)
+    command.run(args)
     result = json.loads((tmp_path / "cost-tiny-cpu.json").read_text())
     assert result["methods"]["eva"]["finished"] is False
-    rows = cost.summarize([str(tmp_path / "cost-tiny-cpu.json")])["runs"]
+    rows = cost_report.summarize([str(tmp_path / "cost-tiny-cpu.json")])["runs"]
     assert {r["method"] for r in rows} == {"floor", "eva-capped"}
 
 
@@ -163,14 +164,14 @@ def test_bad_byte_sizes_name_the_format(text):
 
 
 def test_early_stop_skips_the_lm_head_and_keeps_the_sums():
-    model, _ = cost.build_model("llama-tiny", torch.device("cpu"), torch.float32, 0)
-    batches = cost.calibration_batches("llama-tiny", None, 512, 6, 16, 2, 0)
+    model, _ = inits.build_model("llama-tiny", torch.device("cpu"), torch.float32, 0)
+    batches = inits.calibration_batches("llama-tiny", None, 512, 6, 16, 2, 0)
     batches[1]["attention_mask"][0, :5] = 0  # one partial mask, so the masked path runs too
-    full = cntlora.collect_statistics(model, batches, cost.LINEAR_KINDS, progress=False, stop_early=False)
+    full = cntlora.collect_statistics(model, batches, inits.LINEAR_KINDS, progress=False, stop_early=False)
     head_calls = []
     handle = model.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(args[0].shape[0]))
-    early = cntlora.collect_statistics(model, batches, cost.LINEAR_KINDS, progress=False)
-    capped = cntlora.collect_statistics(model, batches, cost.LINEAR_KINDS, progress=False, max_stats_memory=300_000)
+    early = cntlora.collect_statistics(model, batches, inits.LINEAR_KINDS, progress=False)
+    capped = cntlora.collect_statistics(model, batches, inits.LINEAR_KINDS, progress=False, max_stats_memory=300_000)
     handle.remove()
     # only the discovery of each collection runs the head: on one row of the first batch (of 2)
     assert head_calls == [1, 1]
@@ -370,7 +371,7 @@ def test_energy_score_without_energy_is_a_clear_error():
 
 def test_a_result_cut_short_keeps_the_medians_of_the_runs_it_finished(tmp_path):
     out = tmp_path / "cost-tiny-cpu.json"
-    cost.benchmark(_args(tmp_path, repeats=2, methods=["floor", "cntlora-self", "default"]))
+    measure.benchmark(_args(tmp_path, repeats=2, methods=["floor", "cntlora-self", "default"]))
     full = json.loads(out.read_text())
     # what the file held mid-run: raw runs, the last method one run short
     partial = json.loads(out.read_text())
@@ -378,12 +379,12 @@ def test_a_result_cut_short_keeps_the_medians_of_the_runs_it_finished(tmp_path):
         entry.clear()
         entry.update({"runs": full["methods"][method]["runs"][: 1 if method == "default" else 2], "complete": False})
     out.write_text(json.dumps(partial))
-    cost.finish_partial(str(out))
+    measure.finish_partial(str(out))
     done = json.loads(out.read_text())
     assert done["cut_short"]
     assert done["methods"]["default"]["repeats"] == 1 and done["methods"]["cntlora-self"]["repeats"] == 2
     assert done["methods"]["floor"]["median_seconds"] == full["methods"]["floor"]["median_seconds"]
-    rows = cost.summarize([str(out)])["runs"]
+    rows = cost_report.summarize([str(out)])["runs"]
     assert {r["method"]: r["repeats"] for r in rows} == {"floor": 2, "cntlora-self": 2, "default": 1}
 
 
@@ -450,4 +451,4 @@ def test_cpu_layers_above_the_threshold_use_the_randomized_svd_on_a_formed_delta
     assert len(calls) == len(stats.layers)
     assert all(isinstance(op, DenseProducts) for op in calls)  # small CPU layers form ΔW: ||ΔW||² stays known
     assert all(lp.delta_energy is not None and lp.delta_energy > 0 for lp in plan.layers.values())
-    assert cntlora.CNTLoRAConfig().randomized_svd_above is None and cntlora.plan.RANDOMIZED_SVD_ABOVE == 256
+    assert cntlora.CNTLoRAConfig().advanced.randomized_svd_above is None and cntlora.plan.RANDOMIZED_SVD_ABOVE == 256

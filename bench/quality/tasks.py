@@ -1,11 +1,11 @@
 """The benchmark's tasks, built from cntlora.zoo's packaged models and data.
 
-make_task(name, quick=False, train_size=None) -> quality.Task. Names: "vision", "text" and
+make_task(name, quick=False, train_size=None) -> task.Task. Names: "vision", "text" and
 "lm" (about 800 training examples or windows), their few-shot versions "vision-fewshot",
 "text-fewshot" and "lm-fewshot" (100), and "tiny" (a randomly initialized BERT on synthetic
 tokens: no packages needed, for the CI smoke test).
 
-$CNTLORA_BENCH_DATA, when set, names a folder written by bench/quality/export_data.py; the
+$CNTLORA_BENCH_DATA, when set, names a folder written by `python -m bench.quality.export_data`; the
 tasks then read the models and data from it instead of the installed packages (the GPU
 machine has none of them). The lm tasks read it only when it holds smollm2/ (--only lm).
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baselines import convs_to_linear
-from .quality import Task
+from .task import Task
 
 SPLIT_SEED = 1234  # fixes which examples are train / val / test, independent of the run seeds
 TRAIN_SIZE = 800
@@ -52,7 +52,7 @@ def _fresh_head_builder(template: nn.Module, reset_head):
 def _reference_photos():
     """uint8 N×3×64×64 pre-training-like photos (zoo.reference_photos) from the exported folder, else from the
     installed scikit-image and scikit-learn; None where neither has them (the task then has no reference set)."""
-    from .. import zoo
+    from cntlora import zoo
 
     folder = _exported()
     if folder is not None and (folder / "reference_photos.pt").exists():
@@ -66,7 +66,7 @@ def _reference_photos():
 def _reference_texts() -> list:
     """Generic English paragraphs (zoo.reference_texts) from the exported folder, else from this Python's stdlib;
     empty where a stripped-down Python lacks its docs (the task then has no reference set)."""
-    from .. import zoo
+    from cntlora import zoo
 
     folder = _exported()
     if folder is not None and (folder / "reference_texts.json").exists():
@@ -118,7 +118,7 @@ def perplexity(model, batches) -> float:
 
 
 def _to(batch, model):
-    from ..batches import to_device
+    from cntlora.batches import to_device
 
     return to_device(batch, next(model.parameters()).device)
 
@@ -146,7 +146,7 @@ def _minilm_and_bbc():
         model = AutoModelForSequenceClassification.from_pretrained(folder / "minilm", num_labels=5, dtype=torch.float32)
         data = json.loads((folder / "bbc.json").read_text())
         return model, tokenizer, data["texts"], data["labels"]
-    from .. import zoo
+    from cntlora import zoo
 
     model, tokenizer = zoo.load_minilm(num_labels=5)
     texts, labels, _ = zoo.bbc_news()
@@ -196,7 +196,7 @@ def pointwise_convs(model: nn.Module) -> list:
 
 
 def _mobilenet_and_fashion():
-    from .. import zoo
+    from cntlora import zoo
 
     folder = _exported()
     if folder is not None:
@@ -209,7 +209,7 @@ def _mobilenet_and_fashion():
 
 def fashion_subset():
     """The exact Fashion-MNIST examples the vision task can use (what export_data.py carries)."""
-    from .. import zoo
+    from cntlora import zoo
 
     train_images, train_labels = zoo.fashion_mnist("train")
     test_images, test_labels = zoo.fashion_mnist("test")
@@ -221,7 +221,7 @@ def fashion_subset():
 
 
 def vision_task(quick=False, train_size=None, image_size=64) -> Task:
-    from .. import zoo
+    from cntlora import zoo
 
     n_train, n_val, n_test = _sizes(quick, train_size, 200, 2000)
     base, data = _mobilenet_and_fashion()
@@ -272,14 +272,14 @@ def _smollm2_and_plays():
         tokenizer = AutoTokenizer.from_pretrained(folder / "smollm2")
         model = AutoModelForCausalLM.from_pretrained(folder / "smollm2", dtype=torch.float32)
         return model, tokenizer, json.loads((folder / "shakespeare.json").read_text())
-    from .. import zoo
+    from cntlora import zoo
 
     model, tokenizer = zoo.load_smollm2()
     return model, tokenizer, zoo.shakespeare()
 
 
 def lm_task(quick=False, train_size=None, seq_len=128) -> Task:
-    from .. import zoo
+    from cntlora import zoo
 
     model, tokenizer, plays = _smollm2_and_plays()
     model.eval()
@@ -363,7 +363,7 @@ TASKS = {
 
 
 def make_task(name: str, **kwargs) -> Task:
-    from ..config import CNTLoRAError
+    from cntlora.config import CNTLoRAError
 
     if name not in TASKS:
         raise CNTLoRAError(f"unknown task {name!r}; use one of {', '.join(sorted(TASKS))}")

@@ -7,11 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from cntlora import CNTLoRAError
-from cntlora.bench import quality
-from cntlora.bench.baselines import METHODS, ChannelLinear, convs_to_linear, peft_init
-from cntlora.bench.quality import paired_difference, parse_label, summarize, t_quantile
-from cntlora.bench.tasks import make_task
+from bench.quality import command, protocol, report, stats
+from bench.quality.baselines import METHODS, ChannelLinear, convs_to_linear, peft_init
+from bench.quality.report import summarize
+from bench.quality.stats import paired_difference, t_quantile
+from bench.quality.task import parse_label, resolve_label
+from bench.quality.tasks import make_task
+from cntlora import CNTLoRAConfig, CNTLoRAError
+from cntlora.training import batch_order
 
 
 def _finite(x):
@@ -22,9 +25,9 @@ def test_quick_cli_every_method_writes_schema(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
-    quality.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args(["--task", "tiny", "--quick", "--out", str(tmp_path)])
-    assert quality.run(args) == 0
+    assert command.run(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"tasks"}
     entry = summary["tasks"]["tiny-quick"]
@@ -47,9 +50,9 @@ def test_quick_cli_every_method_writes_schema(tmp_path):
 
 
 def test_same_data_order_for_every_method_and_new_order_per_seed():
-    a = quality._order(10, 7, 4, seed=3)
-    assert a == quality._order(10, 7, 4, seed=3)
-    assert a != quality._order(10, 7, 4, seed=4)
+    a = batch_order(10, 7, 4, seed=3)
+    assert a == batch_order(10, 7, 4, seed=3)
+    assert a != batch_order(10, 7, 4, seed=4)
     # each epoch is a permutation: the first 10 indices drawn cover every example once
     flat = [i for step in a for i in step]
     assert sorted(flat[:10]) == list(range(10))
@@ -79,17 +82,17 @@ def test_t_cdf_matches_the_t_distribution_on_both_sides():
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in (2, 9, 19):
         for x in (-6.0, -2.1, -0.3, 0.0, 0.7, 3.3, 8.0):
-            assert quality.t_cdf(x, df) == pytest.approx(scipy_stats.t.cdf(x, df), abs=1e-7)
+            assert stats.t_cdf(x, df) == pytest.approx(scipy_stats.t.cdf(x, df), abs=1e-7)
 
 
 def test_holm_adjusts_step_down_and_keeps_the_order():
     # brute force from the definition: sort ascending, multiply the i-th smallest (0-based) by m - i,
     # take the running maximum, cap at 1
     p = {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}
-    assert quality.holm(p) == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
-    assert quality.holm({"x": 0.3, "y": 0.6}) == pytest.approx({"x": 0.6, "y": 0.6})
-    assert quality.holm({"only": 0.02}) == {"only": 0.02}
-    assert quality.holm({}) == {}
+    assert stats.holm(p) == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert stats.holm({"x": 0.3, "y": 0.6}) == pytest.approx({"x": 0.6, "y": 0.6})
+    assert stats.holm({"only": 0.02}) == {"only": 0.02}
+    assert stats.holm({}) == {}
 
 
 def test_against_every_baseline_needs_the_seeds_and_corrects_per_row():
@@ -102,16 +105,16 @@ def test_against_every_baseline_needs_the_seeds_and_corrects_per_row():
     runs += [_fake_run("eva", seed, 1e-3, {0: 0.1, 20: 0.9}, 0.9) for seed in range(5)]  # too few seeds
     runs += [_fake_run("cntlora-cross", seed, 1e-3, {0: 0.1, 20: 0.9}, 0.9) for seed in range(5)]
     s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
-    every = quality.against_every_baseline(s)
+    every = report.against_every_baseline(s)
     assert set(every) == {"cntlora-self"} and set(every["cntlora-self"]) == {"default", "lora_ga"}
     row = every["cntlora-self"]
     assert row["default"]["mean"] == pytest.approx(0.031, abs=1e-3) and row["default"]["seeds"] == 12
     assert row["default"]["p_holm"] == pytest.approx(min(1, 2 * min(r["p"] for r in row.values())))
     assert row["lora_ga"]["p_holm"] >= row["lora_ga"]["p"]
-    table = quality.format_every_baseline_table(s, every)
+    table = report.format_every_baseline_table(s, every)
     assert table.startswith("### t against every PEFT init (") and "| cntlora-self | +0.0310 (12 seeds" in table
     assert "**win**" in table
-    assert quality.against_every_baseline(s, min_seeds=13) == {}
+    assert report.against_every_baseline(s, min_seeds=13) == {}
 
 
 def test_paired_difference_verdicts():
@@ -157,12 +160,12 @@ def test_fresh_seed_check_uses_only_the_fresh_seeds():
     runs += [_fake_run("eva", seed, 1e-3, {0: 0.1, 20: 0.7}, 0.6) for seed in range(5)]  # no fresh seeds
     s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
     assert s["methods"]["cntlora-cross"]["vs_default"]["verdict"] == "win"  # all ten seeds
-    check = quality.fresh_seed_check(s)
+    check = report.fresh_seed_check(s)
     assert set(check) == {"default", "cntlora-cross"}  # eva ran no fresh seed
     assert check["cntlora-cross"]["seeds"] == 5 and check["cntlora-cross"]["vs_default"]["verdict"] == "tie"
     assert check["cntlora-cross"]["test_mean"] == pytest.approx(0.77 + 0.001 * (-1 + 1 - 1 + 1 - 1) / 5)
     assert check["default"]["vs_default"] is None
-    table = quality.format_fresh_table(s, check)
+    table = report.format_fresh_table(s, check)
     assert table.startswith("### t, fresh seeds 5-9 (") and "| cntlora-cross | " in table
 
 
@@ -175,8 +178,8 @@ def test_reference_labels_get_the_tasks_reference_set(one_thread):
     def first_a(model):
         return next(v for k, v in model.state_dict().items() if "lora_A" in k).clone()
 
-    with_reference, _ = quality.init_model(task, "cntlora-cross@pretrain_source=reference", 0, torch.device("cpu"))
-    with_weights, _ = quality.init_model(task, "cntlora-cross", 0, torch.device("cpu"))
+    with_reference, _ = protocol.init_model(task, "cntlora-cross@pretrain_source=reference", 0, torch.device("cpu"))
+    with_weights, _ = protocol.init_model(task, "cntlora-cross", 0, torch.device("cpu"))
     assert not torch.allclose(first_a(with_reference), first_a(with_weights))
     # the same as the library called directly with the task's reference batches
     config = CNTLoRAConfig(mode="cross", r=4, alpha=4.0, pretrain_source="reference", seed=0)
@@ -190,7 +193,7 @@ def test_reference_label_without_a_reference_set_says_so():
     task = make_task("tiny")
     task.reference_batches = ()
     with pytest.raises(CNTLoRAError, match="has no reference set"):
-        quality.init_model(task, "cntlora-shift@pretrain_source=reference", 0, torch.device("cpu"))
+        protocol.init_model(task, "cntlora-shift@pretrain_source=reference", 0, torch.device("cpu"))
 
 
 def test_parse_label():
@@ -222,35 +225,35 @@ def test_summary_entry_keeps_only_canonical_method_names():
             for label in ("default", "cntlora-cross@ridge=0.1") for seed in range(2)]
     s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
     assert set(s["methods"]) == {"default", "cntlora-cross@ridge=0.1"}
-    assert set(quality.summary_entry(s)["methods"]) == {"default"}
+    assert set(report.summary_entry(s)["methods"]) == {"default"}
 
 
 def test_rank_override_keeps_the_lora_scale():
     base = {"r": 8, "lora_alpha": 16, "target_modules": ["q"]}
-    method, overrides, harness, lora = quality.resolve_label("cntlora-cross-vas@r=4,calib=16", base)
+    method, overrides, harness, lora = resolve_label("cntlora-cross-vas@r=4,calib=16", base)
     assert (method, overrides, harness) == ("cntlora-cross-vas", {"r": 4, "alpha": 8.0}, {"calib": 16})
     assert lora == base
-    method, overrides, harness, lora = quality.resolve_label("default@r=16", base)
+    method, overrides, harness, lora = resolve_label("default@r=16", base)
     assert overrides == {} and lora["r"] == 16 and lora["lora_alpha"] / lora["r"] == 2.0
 
 
 def test_plots_are_written(tmp_path):
-    labels = ["default"] + [label for sweep in quality.sensitivity_labels().values() for _, label in sweep]
+    labels = ["default"] + [label for sweep in report.sensitivity_labels().values() for _, label in sweep]
     runs = [_fake_run(label, seed, 1e-3, {0: 0.1, 10: 0.5, 20: 0.8}, 0.7 + 0.01 * seed)
             for label in dict.fromkeys(labels) for seed in range(2)]
     s = summarize({"task": "t", "metric": "accuracy", "higher_is_better": True, "steps": 20, "runs": runs})
     s["task"] = "t-sensitivity"
-    paths = quality.plot_task(s, tmp_path) + [quality.plot_sensitivity(s, tmp_path, reference=s["methods"]["default"])]
+    paths = report.plot_task(s, tmp_path) + [report.plot_sensitivity(s, tmp_path, reference=s["methods"]["default"])]
     assert paths[-1].name == "sensitivity-t.png"
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sensitivity_sweeps_share_the_default_run():
-    sweeps = quality.sensitivity_labels()
-    assert set(sweeps) == set(quality.SENSITIVITY) | {"r-vas"}
+    sweeps = report.sensitivity_labels()
+    assert set(sweeps) == set(report.SENSITIVITY) | {"r-vas"}
     # the default value of every sweep is the plain method label, so the sweeps share one run
-    assert dict(sweeps["ridge"])[quality.CNTLoRAConfig.ridge] == "cntlora-self"
+    assert dict(sweeps["ridge"])[CNTLoRAConfig.ridge] == "cntlora-self"
     assert dict(sweeps["calib"])[64] == dict(sweeps["r"])[8] == "cntlora-self"
     assert dict(sweeps["gamma"]) == {0.1: "cntlora-cross@gamma=0.1", 1.0: "cntlora-cross", 10.0: "cntlora-cross@gamma=10"}
     assert dict(sweeps["r-vas"])[4] == "cntlora-self-vas@r=4"
@@ -276,7 +279,7 @@ def test_load_runs_folds_parts_into_their_table_and_keeps_the_latest_duplicate(t
     _log(new, [("meta", "t+a_row_norm", {**META, "task": "t+a_row_norm"})]
          + [("run", "t+a_row_norm", _fake_run("default", 1, 1e-3, {0: 0.1, 20: 0.8}, 0.90)),
             ("run", "t+a_row_norm", _fake_run("cntlora-self@a_row_norm=1", 0, 1e-3, {0: 0.1, 20: 0.8}, 0.80))])
-    loaded = quality.load_runs([old, new])
+    loaded = report.load_runs([old, new])
     assert list(loaded) == ["t"] and loaded["t"]["task"] == "t"
     tests = {(r["label"], r["seed"]): r["test"] for r in loaded["t"]["runs"]}
     assert tests == {("default", 0): 0.71, ("default", 1): 0.90, ("cntlora-self@a_row_norm=1", 0): 0.80}
@@ -285,7 +288,7 @@ def test_load_runs_folds_parts_into_their_table_and_keeps_the_latest_duplicate(t
     # a part with other steps cannot share the table
     _log(new, [("meta", "t+longer", {**META, "steps": 40})])
     with pytest.raises(CNTLoRAError, match="differs"):
-        quality.load_runs([old, new])
+        report.load_runs([old, new])
 
 
 @pytest.mark.parametrize("label", ["pissa_niter_4", "corda", "cntlora-self@base=residual"])
@@ -293,9 +296,9 @@ def test_shared_init_gives_the_runs_of_separate_inits(label, one_thread):
     # one init trained at two lrs (copies of the initialized model, base weights included)
     # must give exactly the runs that a fresh init per lr gives
     task = make_task("tiny")
-    shared = quality.train_lrs(task, label, 1, [1e-3, 3e-3], 8, checkpoints=(4,), device="cpu")
+    shared = protocol.train_lrs(task, label, 1, [1e-3, 3e-3], 8, checkpoints=(4,), device="cpu")
     for record in shared:
-        alone = quality.train_once(task, label, 1, record["lr"], 8, checkpoints=(4,), device="cpu")
+        alone = protocol.train_once(task, label, 1, record["lr"], 8, checkpoints=(4,), device="cpu")
         assert record["train_loss"] == alone["train_loss"]
         assert (record["val"], record["test"]) == (alone["val"], alone["test"])
     assert shared[0]["init_seconds"] == shared[1]["init_seconds"]  # the one init's time on every lr's record
@@ -304,10 +307,10 @@ def test_shared_init_gives_the_runs_of_separate_inits(label, one_thread):
 def test_run_quality_inits_once_per_seed_and_keeps_the_lr_protocol(one_thread):
     task = make_task("tiny")
     lrs = [1e-3, 1e-2]
-    results = quality.run_quality(task, ["default"], seeds=[0, 1, 2], lrs=lrs, steps=3, checkpoints=(1,),
+    results = protocol.run_quality(task, ["default"], seeds=[0, 1, 2], lrs=lrs, steps=3, checkpoints=(1,),
                                   device="cpu", select_seeds=1, log=None)
     runs = results["runs"]
     seed0 = [r for r in runs if r["seed"] == 0]
     assert sorted(r["lr"] for r in seed0) == lrs and len({r["init_seconds"] for r in seed0}) == 1
-    best = quality.choose_lr(seed0, task.higher_is_better)
+    best = protocol.choose_lr(seed0, task.higher_is_better)
     assert sorted((r["seed"], r["lr"]) for r in runs if r["seed"] > 0) == [(1, best), (2, best)]

@@ -1,0 +1,1 @@
+"""The benchmark's tests (run from the repository root: pytest bench/tests)."""
