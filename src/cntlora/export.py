@@ -12,11 +12,9 @@ residual base: in residual mode W0 + s·(B·A - B0·A0) = W0 + s·[B, -B0]·[A; 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import warnings
 from typing import Dict
 
 import torch
@@ -26,8 +24,8 @@ from torch import nn
 from .config import CNTLoRAConfig, CNTLoRAError
 from .files import JOURNAL, recover_directory, write_directory_atomically
 from .layers import LayerSpec, base_layer
+from .integrity import check_base, check_weights_file, file_sha256, meta_checksum
 from .plan import LayerPlan, Plan
-from .statistics import weight_digest
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,30 +66,6 @@ def _lora_layers(peft_model, plan: Plan, adapter_name: str) -> Dict[str, nn.Modu
             )
         layers[name] = layer
     return layers
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_base(base_model: nn.Module, meta: dict, residual: Dict[str, torch.Tensor]) -> None:
-    """A residual adapter fits only the checkpoint it was made from: compare the base's W0 digests."""
-    modules = dict(base_model.named_modules())
-    for name, want in (meta.get("base_digest") or {}).items():
-        spec = LayerSpec.from_dict(meta["layers"][name]["spec"])
-        weight = getattr(modules.get(name), "weight", None)
-        if not isinstance(weight, torch.Tensor) or name not in residual or weight.shape != residual[name].shape:
-            continue  # _apply_residual_base names the missing layer or the other shape
-        got = weight_digest({name: modules[name]}, {name: spec})[name]
-        close = all(math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-                    for a, b in zip(got.split("/"), want.split("/")))
-        if not close:
-            raise CNTLoRAError(f"the weights of {name!r} differ from the checkpoint this residual adapter was made "
-                               "from; pass that checkpoint (a residual adapter replaces the base weights)")
 
 
 def _config_dict(config: CNTLoRAConfig) -> dict:
@@ -191,9 +165,10 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwr
             residual = {name: base_layer(layer).weight.detach().to("cpu", copy=True) for name, layer in layers.items()}
             save_file(residual, os.path.join(folder, RESIDUAL_BASE_FILE), metadata={"format": "pt"})
         meta = _metadata(plan)
-        meta["checksums"] = {f: _file_sha256(os.path.join(folder, f))
+        meta["checksums"] = {f: file_sha256(os.path.join(folder, f))
                              for f in (INIT_FACTORS_FILE, RESIDUAL_BASE_FILE, PEFT_WEIGHTS_FILE)
                              if os.path.isfile(os.path.join(folder, f))}
+        meta["checksum"] = meta_checksum(meta)
         with open(os.path.join(folder, CNTLORA_FILE), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -251,7 +226,7 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
         raise CNTLoRAError("the base model already has LoRA layers; pass a fresh copy of the original base model")
     meta, factors, residual = _read_folder(str(adapter_dir))
     if residual is not None:
-        _check_base(base_model, meta or {}, residual)
+        check_base(base_model, meta or {}, residual)
         _apply_residual_base(base_model, residual)
     try:
         peft_model = PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
@@ -261,24 +236,6 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
     if meta is not None:
         peft_model.cntlora_plan = _plan_from_folder(meta, factors)
     return peft_model
-
-
-def _check_weights_file(path: str, meta: dict, checksum: str) -> None:
-    """The LoRA weights of every adapted layer are there and finite; a changed file is reported."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        for name, rank in meta.get("ranks", {}).items():
-            for part in ("lora_A", "lora_B"):
-                key = next((k for k in keys if k.endswith(f"{name}.{part}.weight")), None) if rank else ""
-                if key is None:
-                    raise CNTLoRAError(f"{path} lacks the {part} weight of layer {name!r}; the folder is damaged")
-                if key and not bool(torch.isfinite(f.get_tensor(key)).all()):
-                    raise CNTLoRAError(f"{path} holds NaN or Inf in {key}; the folder is damaged")
-    if _file_sha256(path) != checksum:
-        warnings.warn(f"{path} changed since cntlora saved it (trained further and saved with PEFT?); loading it as it is",
-                      stacklevel=4)
 
 
 def _read_folder(adapter_dir: str):
@@ -291,11 +248,13 @@ def _read_folder(adapter_dir: str):
                 meta = json.load(f)
             if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
                 raise ValueError("not a cntlora.json object")
+            if "checksum" in meta and meta["checksum"] != meta_checksum(meta):
+                raise CNTLoRAError(f"{meta_path} does not match its checksum (damaged or edited); save the adapter again")
         for name, checksum in ((meta or {}).get("checksums") or {}).items():
             path = os.path.join(adapter_dir, name)
             if name == PEFT_WEIGHTS_FILE:  # PEFT may save trained weights over it: check what it holds instead
-                _check_weights_file(path, meta, checksum)
-            elif not os.path.isfile(path) or _file_sha256(path) != checksum:
+                check_weights_file(path, meta, checksum)
+            elif not os.path.isfile(path) or file_sha256(path) != checksum:
                 raise CNTLoRAError(f"{path} is missing or does not match its checksum in {CNTLORA_FILE}; "
                                    "the folder is damaged: save it again")
         factors_path = os.path.join(adapter_dir, INIT_FACTORS_FILE)
