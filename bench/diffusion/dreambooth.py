@@ -318,6 +318,8 @@ def run_group(bench: Bench, specs: Sequence[RunSpec], fidelity_at: Optional[Sequ
     if len({s.target_set for s in specs}) != 1:
         raise ValueError("a group holds runs of one target set")
     t0 = time.perf_counter()
+    if deadline is not None and time.time() > deadline:
+        return [{**asdict(s), "steps": p.steps, "error": "skipped: the time budget ran out"} for s in specs], {}
     adapters: Dict[RunSpec, object] = {}
     for name in sorted({s.subject for s in specs}):
         mine = [s for s in specs if s.subject == name]

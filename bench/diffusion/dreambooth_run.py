@@ -203,8 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fidelity_at, keep = None, (f"{subjects[0]}:{seeds[0]}",)
     groups = plan_groups(specs, protocol.max_runs, args.first)
     print(f"{len(specs)} runs in {len(groups)} groups on {args.device}", flush=True)
-    execute(groups, protocol, args.out, args.device, args.workers, args.cache, root, fidelity_at, keep, deadline,
-            args.threads, log=lambda s: print(s, flush=True))
+    t0 = time.time()
+    records = execute(groups, protocol, args.out, args.device, args.workers, args.cache, root, fidelity_at, keep,
+                      deadline, args.threads, log=lambda s: print(s, flush=True))
+    trained = sum(1 for r in records if not r.get("error"))
+    print(f"done: {trained} of {len(records)} runs trained in {time.time() - t0:.0f}s", flush=True)
     return 0
 
 

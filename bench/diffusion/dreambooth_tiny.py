@@ -25,16 +25,17 @@ def tiny_unet_config() -> dict:
     return cfg
 
 
-def make_tiny_artifacts(folder, subjects: int = 2, train_views: int = 3, heldout_views: int = 4, seed: int = 0) -> Path:
-    """Write tiny random artifacts into `folder` (created); returns it."""
+def make_tiny_artifacts(folder, subjects: int = 2, train_views: int = 3, heldout_views: int = 4, seed: int = 0,
+                        unet_config: dict | None = None) -> Path:
+    """Write tiny random artifacts into `folder` (created); returns it. `unet_config` replaces the tiny UNet's."""
     from diffusers import DDPMScheduler
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet = models.build_unet(tiny_unet_config())
-    table = models.build_token_table(TINY_DIM)
+    unet = models.build_unet(unet_config or tiny_unet_config())
+    table = models.build_token_table(unet.config.cross_attention_dim)
     assets.save_base(unet, table, DDPMScheduler(**models.scheduler_config()), folder)
     enc = models.FidelityEncoder(width=8, proj_dim=8)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "encoder.safetensors"))
