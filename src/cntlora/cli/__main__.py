@@ -1,0 +1,7 @@
+"""`python -m cntlora.cli`, the same as the `cntlora` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
