@@ -234,7 +234,11 @@ def load_adapter(base_model: nn.Module, adapter_dir: str, is_trainable: bool = F
         raise CNTLoRAError(f"PEFT could not load {adapter_dir} ({type(e).__name__}: {str(e)[:200]}); "
                            "the folder is damaged or belongs to another model") from e
     if meta is not None:
-        peft_model.cntlora_plan = _plan_from_folder(meta, factors)
+        plan = peft_model.cntlora_plan = _plan_from_folder(meta, factors)
+        for name, layer in _lora_layers(peft_model, plan, "default").items():  # adapter_config.json agrees
+            if not math.isclose(layer.scaling["default"], plan.scale, rel_tol=1e-6):
+                raise CNTLoRAError(f"{PEFT_CONFIG_FILE} gives {name!r} the scale {layer.scaling['default']:g}, but the "
+                                   f"adapter was made with {plan.scale:g}; the folder is damaged or was edited")
     return peft_model
 
 
