@@ -55,6 +55,27 @@ def calibration_size(text: str) -> Optional[int]:
     return n
 
 
+def positive_int(text: str) -> int:
+    """Parse a count that must be at least 1 (argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: zero, negative or not a whole number.
+    """
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
+
+
+def add_overwrite(parser) -> None:
+    """The --overwrite option of the commands that write an adapter folder."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="update an existing adapter folder: cntlora's files are replaced, every other file stays")
+
+
 def add_calibration_size(parser, default: Optional[int]) -> None:
     """The --calibration-size option, shared by init and demo."""
     parser.add_argument("--calibration-size", type=calibration_size, default=default, metavar="N",

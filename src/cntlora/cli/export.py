@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import CLI_KEY, CliError, add_command
+from ._common import CLI_KEY, CliError, add_command, add_overwrite
 
 
 def add_parser(subparsers, common) -> None:
@@ -19,6 +19,7 @@ def add_parser(subparsers, common) -> None:
     p.add_argument("adapter", metavar="DIR")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--model", default=None, help="the base model, when DIR's cntlora.json does not name it")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -36,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from .inspect import read_adapter
 
     folder = Path(args.adapter)
+    if Path(args.out).resolve() == folder.resolve():
+        raise CliError("OUT is the adapter folder itself; the export would replace its cntlora files. "
+                       "Pick another folder for OUT")
     info = read_adapter(folder)
     if info["meta"] is None:
         raise CliError(f"{folder} has no {CNTLORA_FILE}: it is a plain PEFT adapter already, nothing to export")
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                        "pass it with --model (an HF folder or a packaged name)")
     model, _ = load_model(model_name, seed=cli.get("model_seed", info["meta"]["config"].get("seed", 0)))
     peft_model = load_adapter(model, str(folder))
-    export_plain_lora(peft_model, args.out)
+    export_plain_lora(peft_model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: a plain PEFT LoRA adapter for the original {model_name}; load it with "
           f"peft.PeftModel.from_pretrained(base, {str(args.out)!r})")
     return 0

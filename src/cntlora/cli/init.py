@@ -13,7 +13,7 @@ from ..config import (BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMEN
                       VAS_SCORES, AdvancedConfig, CNTLoRAConfig)
 from ..plan import RANDOMIZED_SVD_ABOVE
 from ..units import byte_size
-from ._common import CLI_KEY, CliError, add_calibration_size, add_command, names
+from ._common import CLI_KEY, CliError, add_calibration_size, add_command, add_overwrite, names, positive_int
 
 DEFAULTS = CNTLoRAConfig()
 # the config fields the command line does not set
@@ -48,7 +48,9 @@ def add_parser(subparsers, common) -> None:
                     "a PEFT adapter folder (plus cntlora.json) to --out. Prints the per-layer rank table.")
     p.add_argument("model", metavar="MODEL", help="HF model folder or packaged model name")
     p.add_argument("data", metavar="DATA", nargs="?", help="text file, .jsonl, image folder or packaged data name")
-    p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="adapter folder to write; an existing one needs --overwrite")
+    add_overwrite(p)
 
     c = p.add_argument_group("CNTLoRA options (see CNTLoRAConfig)")
     c.add_argument("--mode", choices=MODES, default=DEFAULTS.mode)
@@ -97,10 +99,22 @@ def add_parser(subparsers, common) -> None:
     d.add_argument("--modules-to-save", nargs="+", default=None, metavar="NAME",
                    help="extra modules trained in full and saved with the adapter, e.g. a new head")
     add_calibration_size(d, data.CALIBRATION_SIZE)
-    d.add_argument("--max-batches", type=int, default=None, metavar="N",
-                   help="at most N batches of the calibration set (0 or default: all of them)")
-    d.add_argument("--batch-size", type=int, default=data.BATCH_SIZE, help="default %(default)s")
-    d.add_argument("--max-length", type=int, default=data.MAX_LENGTH, help="tokens per text example (default %(default)s)")
+    d.add_argument("--max-batches", type=positive_int, default=None, metavar="N",
+                   help="at most N batches of the calibration set (default: all of them)")
+    d.add_argument("--batch-size", type=positive_int, default=data.BATCH_SIZE, help="default %(default)s")
+    d.add_argument("--max-length", type=positive_int, default=data.MAX_LENGTH,
+                   help="tokens per text example (default %(default)s)")
+    g = p.add_argument_group("diffusion models (a diffusers pipeline or denoiser folder as MODEL, images as DATA)")
+    g.add_argument("--prompt", default=None, help="the instance prompt, e.g. 'a photo of sks dog'")
+    g.add_argument("--class-prompt", default=None, help="the prompt of the --reference (class) images")
+    g.add_argument("--targets", choices=("attention", "attention+conv", "attention+ff", "all"), default="attention",
+                   help="layer set (default %(default)s; --target-modules overrides)")
+    g.add_argument("--timesteps-per-image", type=positive_int, default=4, help="noise levels per image (default 4)")
+    g.add_argument("--weighting", choices=("uniform", "logit_normal", "mode", "cosmap"), default=None,
+                   help="the timestep density (default: uniform for DDPM-style, logit_normal for flow matching)")
+    g.add_argument("--resolution", type=positive_int, default=None, help="resize and center-crop the images")
+    g.add_argument("--diffusers-out", metavar="DIR", default=None,
+                   help="also write the adapter in diffusers' LoRA format (pipeline.load_lora_weights)")
     d.add_argument("--reference", metavar="DATA", default=None,
                    help="pre-training-like data for pretrain_source=reference (drawn like DATA)")
     d.add_argument("--save-stats", metavar="FILE", default=None, help="also save the statistics (safetensors)")
@@ -147,7 +161,12 @@ def run(args: argparse.Namespace) -> int:
                        "or leave --pretrain-source out to use the weight proxy")
     if args.save_stats and os.path.exists(args.save_stats):
         raise CliError(f"{args.save_stats} already exists; statistics never overwrite statistics, pick another path")
+    _check_out(args.out, args.overwrite)
     config = config_from_args(args)
+    if _is_diffusers_folder(args.model):
+        return _run_diffusion(args, config)
+    if args.prompt or args.class_prompt or args.diffusers_out:
+        raise CliError("--prompt, --class-prompt and --diffusers-out are for diffusers pipeline or denoiser folders")
     model, tokenizer = data.load_model(args.model, seed=args.seed)
     lora_config = LoraConfig(modules_to_save=args.modules_to_save) if args.modules_to_save else None
     if args.load_stats:
@@ -169,11 +188,63 @@ def run(args: argparse.Namespace) -> int:
             stats.save(args.save_stats)
         plan = solve(model, stats, config, progress=not args.quiet)
         peft_model = apply(model, plan, lora_config=lora_config)
-    save_adapter(peft_model, args.out)
+    save_adapter(peft_model, args.out, overwrite=args.overwrite)
     record_model(Path(args.out) / CNTLORA_FILE, args)
     print(plan.summary())
     print(f"wrote {args.out}: load it with cntlora.load_adapter(base, {str(args.out)!r}); "
           f"plain-PEFT copy: cntlora export {args.out} OUT")
+    return 0
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse an existing folder before any work, unless --overwrite (the save checks it is an adapter)."""
+    path = Path(out)
+    if path.is_file():
+        raise CliError(f"--out {out} is a file; pass a folder path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CliError(f"--out {out} exists and is not empty; pass --overwrite to replace cntlora's files in it "
+                       "(other files stay), or pick a new folder")
+
+
+def _is_diffusers_folder(model: str) -> bool:
+    """A diffusers pipeline folder (model_index.json) or a bare diffusers model folder; no diffusers import."""
+    import json
+
+    folder = Path(model)
+    if (folder / "model_index.json").is_file():
+        return True
+    cfg = folder / "config.json"
+    try:
+        return cfg.is_file() and "_diffusers_version" in json.loads(cfg.read_text())
+    except ValueError:
+        return False
+
+
+def _run_diffusion(args: argparse.Namespace, config: CNTLoRAConfig) -> int:
+    """init for a diffusers pipeline or denoiser: DATA is the instance images, --reference the class images."""
+    from ..diffusion import initialize_denoiser, load_denoiser_and_batches, save_diffusers_lora
+    from ..export import CNTLORA_FILE, save_adapter
+
+    if args.data is None:
+        raise CliError("a diffusion model needs DATA: a folder of images")
+    if args.load_stats or args.save_stats or args.modules_to_save:
+        raise CliError("--load-stats, --save-stats and --modules-to-save are not supported for diffusion models")
+    loaded = load_denoiser_and_batches(args.model, args.data, args.prompt, args.reference, args.class_prompt,
+                                       resolution=args.resolution, seed=args.seed)
+    print(f"calibration: {len(loaded.latents)} images x {args.timesteps_per_image} noise levels"
+          + (f"; reference: {len(loaded.reference[0])} images" if loaded.reference is not None else ""))
+    peft_model = initialize_denoiser(
+        loaded.denoiser, loaded.latents, loaded.conditioning, config, scheduler=loaded.scheduler,
+        reference=loaded.reference, targets=names(args.target_modules) if args.target_modules else args.targets,
+        timesteps_per_image=args.timesteps_per_image, weighting=args.weighting, batch_size=args.batch_size,
+        seed=args.seed, max_stats_memory=args.max_stats_memory, progress=not args.quiet)
+    save_adapter(peft_model, args.out, overwrite=args.overwrite)
+    record_model(Path(args.out) / CNTLORA_FILE, args)
+    if args.diffusers_out:
+        save_diffusers_lora(peft_model, args.diffusers_out, prefix=loaded.prefix)
+    print(peft_model.cntlora_plan.summary())
+    print(f"wrote {args.out}" + (f" and {args.diffusers_out} (diffusers: pipeline.load_lora_weights)"
+                                 if args.diffusers_out else ""))
     return 0
 
 

@@ -42,13 +42,40 @@ def read_adapter(folder: Path) -> dict:
     weights = folder / PEFT_WEIGHTS_FILE
     if not weights.is_file():
         raise CliError(f"{folder} has no {PEFT_WEIGHTS_FILE}; the adapter is incomplete, save it again")
-    peft_config = json.loads((folder / PEFT_CONFIG_FILE).read_text())
-    meta = json.loads((folder / CNTLORA_FILE).read_text()) if (folder / CNTLORA_FILE).is_file() else None
-    shapes = {}
-    with safe_open(weights, framework="pt") as f:
-        for key in f.keys():
-            shapes[key] = tuple(f.get_slice(key).get_shape())
+    try:
+        peft_config = json.loads((folder / PEFT_CONFIG_FILE).read_text())
+        meta = json.loads((folder / CNTLORA_FILE).read_text()) if (folder / CNTLORA_FILE).is_file() else None
+        shapes = {}
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+        _check_fields(peft_config, meta, shapes)
+    except CliError:
+        raise
+    except Exception as e:  # JSON and safetensors errors of a damaged folder
+        raise CliError(f"{folder} is damaged ({type(e).__name__}: {str(e)[:200]}); save the adapter again") from e
     return {"peft": peft_config, "meta": meta, "shapes": shapes}
+
+
+def _check_fields(peft_config, meta, shapes) -> None:
+    """The fields inspect reads, of the types it reads them as (else the folder is damaged)."""
+    import math
+
+    ok = isinstance(peft_config, dict) and isinstance(peft_config.get("r"), int) and peft_config["r"] > 0
+    ok = ok and isinstance(peft_config.get("lora_alpha"), (int, float))
+    ok = ok and all(isinstance(s, tuple) and len(s) >= 2 for k, s in shapes.items() if ".lora_" in k)
+    if meta is not None:
+        ok = ok and isinstance(meta, dict) and isinstance(meta.get("ranks"), dict) and isinstance(meta.get("layers"), dict)
+        ok = ok and isinstance(meta.get("scale"), (int, float)) and isinstance(meta.get("config"), dict)
+        ok = ok and all(n in meta["layers"] and isinstance(meta["layers"][n].get("spec"), dict) for n in meta["ranks"])
+        ok = ok and isinstance(meta.get("budget"), int)
+    if not ok:
+        raise CliError("the adapter's files lack fields or hold values of the wrong type; the folder is damaged, "
+                       "save the adapter again")
+    scale = meta["scale"] if meta is not None else peft_config["lora_alpha"]
+    if not math.isfinite(scale) or not math.isfinite(peft_config["lora_alpha"]):
+        raise CliError(f"the adapter's scale is {scale}; its outputs would not be finite. Make it again with a "
+                       "finite --alpha")
 
 
 def run(args: argparse.Namespace) -> int:
