@@ -35,26 +35,27 @@ EVAL_SEED = 3000  # the fixed (noise, timestep) draws of the denoising-loss eval
 class Protocol:
     """The fine-tuning and evaluation settings every method shares."""
 
-    steps: int = 300
-    instance_batch: int = 4
-    prior_batch: int = 4
+    steps: int = 200
+    instance_batch: int = 2
+    prior_batch: int = 2
     prior_weight: float = 1.0
     r: int = 8
     alpha: float = 8.0
     weight_decay: float = 1e-2
-    fidelity_at: tuple = (25, 50, 100, 150, 300)  # checkpoints where samples are drawn and scored
+    fidelity_at: tuple = (25, 50, 100, 200)  # checkpoints where samples are drawn and scored
     loss_every: int = 25
     samples: int = 8  # instance-prompt samples per run and checkpoint
     class_samples: int = 8
     other_samples: int = 4  # per other class
     other_classes: int = 2
-    sample_steps: int = 25
+    sample_steps: int = 20
     guidance: float = assets.DEFAULT_GUIDANCE
     eval_draws: int = 16  # (view, noise, timestep) draws per split
     prior_count: int = 100
     prior_steps: int = 50  # DDIM steps of the class-prior images
     fashion_count: int = 100
     max_runs: int = 48  # runs per forward pass
+    bf16: bool = True  # bfloat16 autocast on CUDA (as the denoiser was pre-trained)
 
     def checkpoints(self) -> List[int]:
         marks = set(range(0, self.steps + 1, self.loss_every)) | {self.steps} | set(self.fidelity_at)
@@ -99,6 +100,14 @@ class Bench:
         self._base: Dict[tuple, tuple] = {}
         self._view_feats: Dict[tuple, torch.Tensor] = {}
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.p.bf16 and self.device.type == "cuda")
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output (float32) under the benchmark's autocast."""
+        with self.autocast():
+            return self.unet(x, t, encoder_hidden_states=enc).sample.float()
+
     def cond(self, prompt) -> torch.Tensor:
         return assets.encode_prompt(self.table, prompt)[0].detach()
 
@@ -132,7 +141,7 @@ class Bench:
         if key not in self._base:
             noise = self.noise(seed, label, n).unsqueeze(0).to(self.device)
             cond = self.cond([assets.tokens.CLASS_NAMES[label]]).expand(1, n, -1, -1)
-            x = metrics.sample(self.unet, self.sampler, noise, cond, self.uncond, self.p.sample_steps, self.p.guidance)[0]
+            x = metrics.sample(self.predict, self.sampler, noise, cond, self.uncond, self.p.sample_steps, self.p.guidance)[0]
             self._base[key] = (x, metrics.embed(self.encoder, x))
         return self._base[key]
 
@@ -173,14 +182,14 @@ def load_or_make_fashion(protocol: Protocol, cache: Path) -> tuple:
     return t["images"].float(), t["labels"].long()
 
 
-def _stacked(unet, x: torch.Tensor, t: torch.Tensor, enc: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def _stacked(predict, x: torch.Tensor, t: torch.Tensor, enc: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """Denoiser outputs for (K, n, ...) inputs, n split in chunks so the stack always sees all K runs."""
     k, n = x.shape[:2]
     outs = []
     for i in range(0, n, chunk):
         c = min(chunk, n - i)
-        out = unet(x[:, i : i + c].reshape(k * c, *x.shape[2:]), t[:, i : i + c].reshape(-1),
-                   encoder_hidden_states=enc[:, i : i + c].reshape(k * c, *enc.shape[2:])).sample
+        out = predict(x[:, i : i + c].reshape(k * c, *x.shape[2:]), t[:, i : i + c].reshape(-1),
+                      enc[:, i : i + c].reshape(k * c, *enc.shape[2:]))
         outs.append(out.reshape(k, c, *out.shape[1:]))
     return torch.cat(outs, 1)
 
@@ -235,7 +244,7 @@ class Group:
         noise = torch.stack([d[0] for d in draws])[self.key_of].reshape(self.k * per, 1, 32, 32).to(dev)
         t = torch.stack([d[1] for d in draws])[self.key_of].reshape(-1).to(dev)
         batch = noisy_batch(self.b.scheduler, self.bank[self.idx[step]], self.enc, noise, t)
-        pred = self.b.unet(batch["sample"], batch["timestep"], encoder_hidden_states=batch["encoder_hidden_states"]).sample
+        pred = self.b.predict(batch["sample"], batch["timestep"], batch["encoder_hidden_states"])
         err = (pred.float() - batch["target"].float()).pow(2).reshape(self.k, per, -1).mean(-1)
         losses = err[:, : p.instance_batch].mean(1) + p.prior_weight * err[:, p.instance_batch :].mean(1)
         self.opt.zero_grad()
@@ -268,7 +277,7 @@ def denoising_losses(group: Group, draws: Dict[str, dict]) -> Dict[str, List[flo
         enc = torch.stack([b.cond(b.subjects[s.subject].prompt).expand(x0.shape[1], -1, -1) for s in group.specs])
         k, n = x0.shape[:2]
         batch = noisy_batch(b.scheduler, x0.flatten(0, 1), enc.flatten(0, 1), noise.flatten(0, 1), t.flatten())
-        pred = _stacked(b.unet, batch["sample"].reshape(k, n, 1, 32, 32), t, enc)
+        pred = _stacked(b.predict, batch["sample"].reshape(k, n, 1, 32, 32), t, enc)
         out[split] = (pred.float() - batch["target"].reshape(k, n, 1, 32, 32)).pow(2).flatten(1).mean(1).tolist()
     return out
 
@@ -279,7 +288,7 @@ def fidelity_scores(group: Group, keep: Sequence[int] = ()) -> tuple:
     b, p = group.b, group.b.p
     noise = torch.stack([b.noise(s.seed, 100 + b.subjects[s.subject].label, p.samples) for s in group.specs])
     cond = torch.stack([b.cond(b.subjects[s.subject].prompt).expand(p.samples, -1, -1) for s in group.specs])
-    x = metrics.sample(b.unet, b.sampler, noise.to(b.device), cond, b.uncond, p.sample_steps, p.guidance)
+    x = metrics.sample(b.predict, b.sampler, noise.to(b.device), cond, b.uncond, p.sample_steps, p.guidance)
     feats = metrics.embed(b.encoder, x)
     scores = {split: metrics.fidelity(feats, [b.view_feats(s.subject, split) for s in group.specs])
               for split in ("val", "test")}
@@ -297,7 +306,7 @@ def drift_scores(group: Group) -> Dict[str, List[float]]:
         noise = torch.stack([torch.cat([b.noise(s.seed, c, n) for c in ls]) for s, ls in zip(group.specs, labels)])
         cond = torch.stack([torch.cat([b.cond([assets.tokens.CLASS_NAMES[c]]).expand(n, -1, -1) for c in ls])
                             for ls in labels])
-        x = metrics.sample(b.unet, b.sampler, noise.to(b.device), cond, b.uncond, p.sample_steps, p.guidance)
+        x = metrics.sample(b.predict, b.sampler, noise.to(b.device), cond, b.uncond, p.sample_steps, p.guidance)
         feats = metrics.embed(b.encoder, x)
         base = [[b.base_samples(s.seed, c, n) for c in ls] for s, ls in zip(group.specs, labels)]
         base_x = torch.stack([torch.cat([q[0] for q in row]) for row in base])

@@ -1,10 +1,11 @@
 """The DreamBooth benchmark's plan and its command line.
 
 Phases:
-- dev: seed 0 on every subject, every method at each lr of the grid; each method's lr is the
-  one with the best mean validation-view fidelity (dreambooth_report.choose_lrs), and the
+- dev: seed 0 on the development subjects. The PEFT inits and CNTLoRA's plain Self, Cross
+  and Shift search the lr grid (the best mean validation-view fidelity wins:
+  dreambooth_report.choose_lrs); every other CNTLoRA setting then runs at its mode's lr. The
   CNTLoRA setting called the result is picked here (PREREGISTRATION.md).
-- confirm: fresh seeds, every method at its dev lr; the reported numbers.
+- confirm: fresh seeds on the other subjects, every method at its dev lr; the reported numbers.
 
 Groups of runs go to worker processes (one stack of K runs each); every finished group is
 appended to runs.jsonl at once, so a run that hits its time budget still leaves its data.
@@ -32,6 +33,9 @@ from .dreambooth import Bench, Protocol, RunSpec, run_group
 
 DEV_SEEDS = (0,)
 CONFIRM_SEEDS = (1, 2, 3, 4, 5)
+# subjects in load_subjects() order: the first three choose lrs and the setting, the others confirm
+DEV_SUBJECTS = (0, 3)
+CONFIRM_SUBJECTS = (3, None)
 LRS = (3e-4, 1e-3, 3e-3)
 # development-phase variants on the attention set: what moves CNTLoRA's numbers (ΔW's scale
 # entering the weights, the timesteps the statistics come from, A's row norm, the rank cap of
@@ -45,6 +49,17 @@ DIAGNOSTICS = ["cntlora-self@base=keep", "cntlora-cross@prior,base=keep", "cntlo
 def method_labels(target_set: str, extra: Sequence[str] = ()) -> List[str]:
     """Every method of a target set: PEFT's inits (those that cannot run there report why) and CNTLoRA's settings."""
     return methods.PEFT_METHODS + methods.cntlora_labels() + list(extra)
+
+
+def representative(label: str) -> str:
+    """The method whose lr search a label's lr comes from: PEFT inits and the CNTLoRA modes'
+    plain settings (cntlora-self, cntlora-cross@prior, cntlora-shift@prior) search their own;
+    every other CNTLoRA setting takes its mode's."""
+    m = methods.parse_method(label)
+    if not m.is_cntlora:
+        return label
+    mode = dict(m.config)["mode"]
+    return "cntlora-self" if mode == "self" else f"cntlora-{mode}@prior"
 
 
 def family(label: str) -> tuple:
@@ -70,12 +85,6 @@ def plan_groups(specs: Sequence[RunSpec], max_runs: int, first: Sequence[str] = 
         size = -(-len(runs) // n)
         groups += [runs[i : i + size] for i in range(0, len(runs), size)]
     return groups
-
-
-def dev_specs(subjects: Sequence[str], target_sets: Sequence[str], lrs: Sequence[float], labels=None,
-              seeds: Sequence[int] = DEV_SEEDS, phase: str = "dev") -> List[RunSpec]:
-    return [RunSpec(ts, label, subj, seed, lr, phase) for ts in target_sets
-            for label in (labels or method_labels(ts)) for subj in subjects for seed in seeds for lr in lrs]
 
 
 def confirm_specs(subjects: Sequence[str], choices: Dict[str, Dict[str, float]], seeds: Sequence[int] = CONFIRM_SEEDS,
@@ -160,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--first", nargs="*", default=[], help="labels whose groups run first")
     ap.add_argument("--only", nargs="*", default=None, help="run only these labels")
     ap.add_argument("--target-sets", nargs="*", default=list(methods.TARGET_SETS))
-    ap.add_argument("--subjects", type=int, default=None, help="the first N subjects only")
+    ap.add_argument("--subject-range", type=int, nargs=2, default=None,
+                    help="subjects [START, STOP) of load_subjects(); default: the phase's (DEV_SUBJECTS, CONFIRM_SUBJECTS)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--lrs", type=float, nargs="*", default=list(LRS))
     ap.add_argument("--workers", type=int, default=0)
@@ -185,14 +195,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         protocol.fidelity_at = tuple(args.fidelity_at)
     from . import assets
 
-    subjects = [s.name for s in assets.load_subjects(root)][: args.subjects]
+    names = [s.name for s in assets.load_subjects(root)]
+    lo, hi = args.subject_range or (DEV_SUBJECTS if args.phase == "dev" else CONFIRM_SUBJECTS)
+    subjects = names[lo:hi]
+    run = lambda specs, fidelity_at, keep: execute(
+        plan_groups(specs, protocol.max_runs, args.first), protocol, args.out, args.device, args.workers, args.cache,
+        root, fidelity_at, keep, deadline, args.threads, log=lambda s: print(s, flush=True))
+    t0 = time.time()
     if args.phase == "dev":
-        specs = []
+        labels = {}
         for ts in args.target_sets:
             extra = (args.extra + (DIAGNOSTICS if args.diagnostics else [])) if ts == "attention" else []
-            labels = [l for l in method_labels(ts, extra) if args.only is None or l in args.only]
-            specs += dev_specs(subjects, [ts], args.lrs, labels, tuple(args.seeds or DEV_SEEDS))
-        fidelity_at, keep = (), ()
+            labels[ts] = [l for l in method_labels(ts, extra) if args.only is None or l in args.only]
+        search = [RunSpec(ts, l, subj, seed, lr) for ts, ls in labels.items() for l in ls if representative(l) == l
+                  for subj in subjects for seed in (args.seeds or DEV_SEEDS) for lr in args.lrs]
+        print(f"lr search: {len(search)} runs", flush=True)
+        records = run(search, (), ())
+        from .dreambooth_report import choose_lrs
+
+        chosen = choose_lrs(records)
+        rest = [RunSpec(ts, l, subj, seed, chosen[ts][representative(l)]) for ts, ls in labels.items() for l in ls
+                if representative(l) != l and representative(l) in chosen.get(ts, {})
+                for subj in subjects for seed in (args.seeds or DEV_SEEDS)]
+        print(f"settings at their mode's lr: {len(rest)} runs", flush=True)
+        records += run(rest, (), ())
     else:
         choices = json.loads(args.choices.read_text())
         if args.only is not None:
@@ -200,12 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         choices = {ts: c for ts, c in choices.items() if ts in args.target_sets}
         seeds = tuple(args.seeds or CONFIRM_SEEDS)
         specs = confirm_specs(subjects, choices, seeds)
-        fidelity_at, keep = None, (f"{subjects[0]}:{seeds[0]}",)
-    groups = plan_groups(specs, protocol.max_runs, args.first)
-    print(f"{len(specs)} runs in {len(groups)} groups on {args.device}", flush=True)
-    t0 = time.time()
-    records = execute(groups, protocol, args.out, args.device, args.workers, args.cache, root, fidelity_at, keep,
-                      deadline, args.threads, log=lambda s: print(s, flush=True))
+        print(f"{len(specs)} runs", flush=True)
+        records = run(specs, None, (f"{subjects[0]}:{seeds[0]}",))
     trained = sum(1 for r in records if not r.get("error"))
     print(f"done: {trained} of {len(records)} runs trained in {time.time() - t0:.0f}s", flush=True)
     return 0

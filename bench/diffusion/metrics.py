@@ -39,11 +39,11 @@ def ddim(scheduler):
 
 
 @torch.no_grad()
-def sample(denoiser, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
+def sample(predict, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
            guidance: float) -> torch.Tensor:
     """Classifier-free-guided DDIM samples for K runs at once.
 
-    noise: (K, n, C, H, W) initial noise, run-major; cond: (K, n, L, D) each sample's prompt;
+    predict(x, t, encoder_hidden_states) -> the denoiser's output. noise: (K, n, C, H, W) initial noise, run-major; cond: (K, n, L, D) each sample's prompt;
     uncond: (L, D), the null prompt. Run k's conditional and unconditional passes both go
     through its slice of the batch, so a stacked denoiser samples every run with its own
     adapter. Returns (K, n, C, H, W).
@@ -55,7 +55,7 @@ def sample(denoiser, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond: t
     for t in sampler.timesteps:
         inp = sampler.scale_model_input(torch.cat([x.reshape(k, n, *x.shape[1:])] * 2, dim=1), t)
         inp = inp.reshape(k * 2 * n, *x.shape[1:])
-        out = denoiser(inp, t.to(inp.device).expand(inp.shape[0]), encoder_hidden_states=enc).sample
+        out = predict(inp, t.to(inp.device).expand(inp.shape[0]), enc)
         out = out.reshape(k, 2, n, *x.shape[1:])
         eps = out[:, 1] + guidance * (out[:, 0] - out[:, 1])
         x = sampler.step(eps.reshape(k * n, *x.shape[1:]), t, x).prev_sample

@@ -23,17 +23,21 @@ TINY = ["--tiny", "--steps", "2", "--sample-steps", "1", "--prior-steps", "1", "
 def test_pipeline_end_to_end(tmp_path):
     out = tmp_path / "db"
     dev = ["--phase", "dev", "--out", str(out), "--lrs", "1e-3", "3e-3", "--target-sets", "attention", "attention+conv",
-           "--only", "default", "olora", "cntlora-cross@prior"]
+           "--only", "default", "olora", "cntlora-cross@prior", "cntlora-cross-vas@prior"]
     assert dreambooth_run.main(TINY + dev) == 0
     records = dreambooth_report.load([out / "runs.jsonl"])
-    assert len(records) == 2 * 3 * 2 * 2  # target sets × methods × subjects × lrs
+    # target sets × subjects × (methods searching the lr × lrs + settings at their mode's lr)
+    assert len(records) == 2 * 2 * (3 * 2 + 1)
     not_run = dreambooth_report.errors(records)
     assert "Unknown initialization" in not_run["attention+conv"]["olora"]  # PEFT's OLoRA rejects Conv2d
     lrs = dreambooth_report.choose_lrs(records)
-    assert set(lrs["attention"]) == {"default", "olora", "cntlora-cross@prior"} and "olora" not in lrs["attention+conv"]
+    assert set(lrs["attention"]) == {"default", "olora", "cntlora-cross@prior", "cntlora-cross-vas@prior"}
+    assert "olora" not in lrs["attention+conv"]
+    assert lrs["attention"]["cntlora-cross-vas@prior"] == lrs["attention"]["cntlora-cross@prior"]
     choices = tmp_path / "lrs.json"
     choices.write_text(json.dumps(lrs))
     confirm = ["--phase", "confirm", "--out", str(out), "--choices", str(choices), "--seeds", "1", "2",
+               "--subject-range", "0", "2",
                "--fidelity-at", "1", "2"]
     assert dreambooth_run.main(TINY + confirm) == 0
     report = tmp_path / "report"
@@ -44,7 +48,8 @@ def test_pipeline_end_to_end(tmp_path):
     assert m["pairs"] == 4 and set(m["fidelity_curve"]) == {"1", "2"} and len(m["train_loss_curve"]) == 2
     assert set(m["vs_default"]["fidelity"]) >= {"mean", "ci95", "p", "verdict"}
     vs = result["against_peft"]["fidelity"]
-    assert set(vs) == {"attention|default", "attention|olora", "attention+conv|default"} and all("p_holm" in d for d in vs.values())
+    assert set(vs) == {"attention|default", "attention|olora", "attention+conv|default"}
+    assert result["dev_pick"].split("|")[1].startswith("cntlora-") and all("p_holm" in d for d in vs.values())
     assert result["tasks"]["dreambooth-attention"]["methods"]["default"]["steps_to_target"] in (1, 2)
     for name in ("dreambooth-curves.png", "dreambooth-samples-attention.png", "dreambooth-tables.md"):
         assert (report / name).stat().st_size > 0
