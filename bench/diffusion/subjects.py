@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"{len(args.classes)} classes but only {len(tokens.RARE_TOKENS)} rare tokens")
     runtime.make_deterministic(args.seed)
     out, results = Path(args.out), Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     enc = assets.load_encoder("cpu", root=args.encoder_root or out)
     images_u8, labels = data.load_fashion_mnist("test")
     images = data.to_model_space(images_u8)
