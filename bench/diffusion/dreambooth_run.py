@@ -62,29 +62,23 @@ def representative(label: str) -> str:
     return "cntlora-self" if mode == "self" else f"cntlora-{mode}@prior"
 
 
-def family(label: str) -> tuple:
-    """Runs whose inits share statistics go in one group: CNTLoRA by statistics source, PEFT by method."""
-    m = methods.parse_method(label)
-    return ("cntlora",) + m.stats_key() if m.is_cntlora else (m.name,)
-
-
 def plan_groups(specs: Sequence[RunSpec], max_runs: int, first: Sequence[str] = ()) -> List[List[RunSpec]]:
-    """Split runs into groups of one target set and one statistics family, at most max_runs each.
+    """Split runs into groups of one target set, at most max_runs each (as even as that allows).
 
-    Groups holding a label of `first` come first (in that order), then the rest in the order of `specs`.
+    Runs of the methods in `first` ("label" or "target set|label") come first, in that order,
+    then the rest in the order of `specs`.
     """
-    buckets: Dict[tuple, List[RunSpec]] = {}
-    for s in specs:
-        buckets.setdefault((s.target_set, family(s.label)), []).append(s)
     rank = {label: i for i, label in enumerate(first)}
-    order = list(buckets)
+    order = {label: i for i, label in enumerate(dict.fromkeys(s.label for s in specs))}
+    key = lambda s: (rank.get(f"{s.target_set}|{s.label}", rank.get(s.label, len(rank))), order[s.label], s.subject,
+                     s.seed, s.lr)
     groups = []
-    for key in sorted(order, key=lambda k: (min(rank.get(s.label, len(rank)) for s in buckets[k]), order.index(k))):
-        runs = sorted(buckets[key], key=lambda s: (s.subject, s.label, s.seed, s.lr))
+    for ts in dict.fromkeys(s.target_set for s in specs):
+        runs = sorted((s for s in specs if s.target_set == ts), key=key)
         n = -(-len(runs) // max_runs)
         size = -(-len(runs) // n)
         groups += [runs[i : i + size] for i in range(0, len(runs), size)]
-    return groups
+    return sorted(groups, key=lambda g: key(g[0])[:2])
 
 
 def confirm_specs(subjects: Sequence[str], choices: Dict[str, Dict[str, float]], seeds: Sequence[int] = CONFIRM_SEEDS,
@@ -166,8 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--choices", type=Path, help="lrs.json from the dev phase (confirm)")
     ap.add_argument("--extra", nargs="*", default=[], help="more method labels for the dev phase (attention set)")
     ap.add_argument("--diagnostics", action="store_true", help="add DIAGNOSTICS to --extra")
-    ap.add_argument("--first", nargs="*", default=[], help="labels whose groups run first")
-    ap.add_argument("--only", nargs="*", default=None, help="run only these labels")
+    ap.add_argument("--first", nargs="*", default=[], help='methods whose runs go first ("label" or "target set|label")')
+    ap.add_argument("--only", nargs="*", default=None, help='run only these methods ("label" or "target set|label")')
     ap.add_argument("--target-sets", nargs="*", default=list(methods.TARGET_SETS))
     ap.add_argument("--subject-range", type=int, nargs=2, default=None,
                     help="subjects [START, STOP) of load_subjects(); default: the phase's (DEV_SUBJECTS, CONFIRM_SUBJECTS)")
@@ -222,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         choices = json.loads(args.choices.read_text())
         if args.only is not None:
-            choices = {ts: {l: lr for l, lr in c.items() if l in args.only} for ts, c in choices.items()}
+            choices = {ts: {l: lr for l, lr in c.items() if l in args.only or f"{ts}|{l}" in args.only}
+                       for ts, c in choices.items()}
         choices = {ts: c for ts, c in choices.items() if ts in args.target_sets}
         seeds = tuple(args.seeds or CONFIRM_SEEDS)
         specs = confirm_specs(subjects, choices, seeds)
