@@ -164,7 +164,8 @@ def _ci(d: Optional[dict], digits: int = 4) -> str:
     return f"{d['mean']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]{mark}"
 
 
-def format_tables(summary: dict, failures: Dict[str, Dict[str, str]], steps: int) -> str:
+def format_tables(summary: dict, failures: Dict[str, Dict[str, str]], steps: int, lrs: Optional[dict] = None) -> str:
+    lrs = lrs or {}
     lines = []
     for ts, s in summary.items():
         lines += [f"### Target set `{ts}`", "",
@@ -179,17 +180,20 @@ def format_tables(summary: dict, failures: Dict[str, Dict[str, str]], steps: int
                          f"| {m['mse_class']:.4f} | {stt if stt is not None else f'not in {steps}'} | {m['test_loss']:.4f} |")
         for label, why in sorted(failures.get(ts, {}).items()):
             lines.append(f"| {label} | – | n/a: {why} | | | | | | | |")
+        for label in sorted(set(lrs.get(ts, {})) - set(s["methods"])):
+            lines.append(f"| {label} | {lrs[ts][label]:g} | not run on these seeds | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
 
 
 def format_primary(primary: str, comparisons: Dict[str, dict]) -> str:
-    lines = [f"### `{primary}` against every PEFT init (Holm over the PEFT inits)", "",
+    show = lambda name: name.replace("|", " · ")
+    lines = [f"### `{show(primary)}` against every PEFT init that ran (Holm over those)", "",
              "| against | Δ fidelity [95% CI] | p (Holm) | Δ class drift [95% CI] | p (Holm) | Δ other drift [95% CI] | p (Holm) |",
              "|---|---|---|---|---|---|---|"]
     for other, d in comparisons["fidelity"].items():
         dc, do = comparisons["drift_class"].get(other), comparisons["drift_other"].get(other)
-        lines.append(f"| {other} | {_ci(d)} | {d['p_holm']:.3g} | {_ci(dc)} | {dc['p_holm'] if dc else float('nan'):.3g} "
+        lines.append(f"| {show(other)} | {_ci(d)} | {d['p_holm']:.3g} | {_ci(dc)} | {dc['p_holm'] if dc else float('nan'):.3g} "
                      f"| {_ci(do)} | {do['p_holm'] if do else float('nan'):.3g} |")
     return "\n".join(lines) + "\n"
 
@@ -243,7 +247,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lrs = choose_lrs(records)
     (args.out / f"{args.name}-lrs.json").write_text(json.dumps(lrs, indent=1))
     failures = errors(records)
-    result = {"lrs": lrs, "not_run": failures}
+    from dataclasses import asdict
+
+    from .dreambooth import Protocol
+
+    result = {"protocol": asdict(Protocol()), "lrs": lrs, "not_run": failures}
     text = ""
     if any(r["phase"] == "dev" for r in records):
         dev = summarize(records, lrs, phase="dev")
@@ -254,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps = confirm[0]["steps"]
         summary = summarize(records, lrs)
         result.update(summary=summary, tasks=summary_entries(summary, steps))
-        text += "## Confirming seeds\n\n" + format_tables(summary, failures, steps)
+        text += "## Confirming seeds\n\n" + format_tables(summary, failures, steps, lrs)
         if args.primary:
             result["primary"] = args.primary
             result["against_peft"] = against_peft(records, lrs, args.primary)
