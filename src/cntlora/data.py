@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
+from . import vision
 from .config import CNTLoRAError
 
 PACKAGED_MODELS = ("minilm", "smollm2", "mobilenetv2")
@@ -66,6 +67,9 @@ def load_model(name: str, seed: int = 0):
                            f"(saved with save_pretrained) or one of {', '.join(PACKAGED_MODELS)}")
     if not (folder / "config.json").is_file():
         raise CNTLoRAError(f"{folder} has no config.json; pass a folder written by save_pretrained")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise CNTLoRAError(f"{folder} has config.json but no weights (model.safetensors); write the model "
+                           "there with save_pretrained")
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -84,7 +88,8 @@ def default_target_modules(model) -> List[str]:
     """The attention and MLP projections of a known family, or the 1×1 convolutions of a CNN.
 
     Args:
-        model: a transformers model (by its config's model_type) or a plain torch CNN.
+        model: a transformers model (by its config's model_type), a timm-style vision
+            transformer (cntlora.vision), or a plain torch CNN.
 
     Returns:
         Layer names or name suffixes for `target_modules`.
@@ -97,12 +102,18 @@ def default_target_modules(model) -> List[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in FAMILY_TARGETS:
         return list(FAMILY_TARGETS[model_type])
+    found = vision.default_targets(model)
+    if found:
+        return found
     pointwise = [n for n, m in model.named_modules()
                  if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
     if pointwise and model_type is None:
         return pointwise
+    linear = [n if n.rsplit(".", 1)[-1].isdigit() else n.rsplit(".", 1)[-1]
+              for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     raise CNTLoRAError(f"no default target modules for model type {model_type or type(model).__name__!r}; "
-                       "name them with --target-modules (e.g. --target-modules q_proj v_proj)")
+                       "name them with --target-modules (e.g. --target-modules "
+                       f"{' '.join(dict.fromkeys(linear[:12])) or 'q_proj v_proj'})")
 
 
 # -----------------------------------------------------------------------------
@@ -174,27 +185,14 @@ def read_images(files: Sequence[Path], size: int = IMAGE_SIZE):
 
     Returns:
         The N×3×size×size float32 tensor.
+
+    Raises:
+        CNTLoRAError: a file cannot be read as an image.
     """
-    import numpy
     import torch
     import torch.nn.functional as F
 
-    try:
-        from PIL import Image
-
-        def read(p):
-            with Image.open(p) as im:
-                return torch.from_numpy(numpy.asarray(im.convert("RGB")).copy()).float() / 255
-    except ImportError:
-        import matplotlib.image
-
-        def read(p):
-            pixels = torch.from_numpy(matplotlib.image.imread(p).copy()).float()
-            pixels = pixels / 255 if pixels.max() > 1 else pixels  # PNG reads as [0, 1], JPEG as uint8
-            pixels = pixels.unsqueeze(-1) if pixels.dim() == 2 else pixels
-            return pixels[..., :3].expand(-1, -1, 3) if pixels.shape[-1] == 1 else pixels[..., :3]
-
-    images = [F.interpolate(read(p).permute(2, 0, 1).unsqueeze(0), size=(size, size), mode="bilinear",
+    images = [F.interpolate(vision.read_pixels(p).unsqueeze(0), size=(size, size), mode="bilinear",
                             align_corners=False, antialias=True) for p in files]
     return imagenet_normalize(torch.cat(images))
 
@@ -323,7 +321,8 @@ def calibration_summary(batches: Sequence, available: Optional[int] = None) -> s
 
 
 def load_batches(name: str, tokenizer, calibration_size: Optional[int] = CALIBRATION_SIZE,
-                 batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH, seed: int = 0) -> Calibration:
+                 batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH, seed: int = 0,
+                 image: Optional["vision.ImagePreprocessing"] = None) -> Calibration:
     """Calibration batches from a packaged data set, a text file or an image folder.
 
     Args:
@@ -334,9 +333,10 @@ def load_batches(name: str, tokenizer, calibration_size: Optional[int] = CALIBRA
         batch_size: examples per batch.
         max_length: tokens per text example.
         seed: seeds the draw.
+        image: how the model reads images (vision.preprocessing_for); None: 3×64×64, ImageNet-normalized.
 
     Returns:
-        A Calibration: the batches (dicts for text, N×3×64×64 tensors for images) and the
+        A Calibration: the batches (dicts for text, N×C×H×W tensors for images) and the
         number of examples the data offered.
 
     Raises:
@@ -352,9 +352,12 @@ def load_batches(name: str, tokenizer, calibration_size: Optional[int] = CALIBRA
 
             images, _ = zoo.fashion_mnist("train")
             pick = calibration_subset(range(len(images)), calibration_size, seed)
-            return Calibration([zoo.image_tensor(x, IMAGE_SIZE) for x in images[pick].split(batch_size)], len(images))
+            convert = (lambda x: image.from_pixels(x.float().div(255).unsqueeze(1))) if image else \
+                (lambda x: zoo.image_tensor(x, IMAGE_SIZE))
+            return Calibration([convert(x) for x in images[pick].split(batch_size)], len(images))
         files = image_files(path)
-        images = read_images(calibration_subset(files, calibration_size, seed))
+        picked = calibration_subset(files, calibration_size, seed)
+        images = image.read(picked) if image else read_images(picked)
         return Calibration(list(images.split(batch_size)), len(files))
     if name in PACKAGED_DATA:
         if tokenizer is None:

@@ -8,7 +8,7 @@ import textwrap
 from dataclasses import fields
 from pathlib import Path
 
-from .. import data
+from .. import data, vision
 from ..config import (BASES, DIRECTIONS, MODES, PRETRAIN_SOURCES, SHIFT_ALIGNMENTS, SHIFT_FLOORS, TRUNCATIONS,
                       VAS_SCORES, AdvancedConfig, CNTLoRAConfig)
 from ..plan import RANDOMIZED_SVD_ABOVE
@@ -25,10 +25,12 @@ EPILOG = textwrap.dedent("""\
       cntlora init smollm2 shakespeare --out runs/smol --vas --calibration-size 64 --max-length 256
       cntlora init ./my-bert notes.jsonl --out runs/bert --mode shift --base residual
       cntlora init mobilenetv2 ./photos --out runs/cnn --save-stats runs/cnn-stats.safetensors
+      cntlora init ./my-vit ./photos --out runs/vit --reference ./pretraining-photos --mode cross
 
     MODEL: an HF model folder, or minilm | smollm2 | mobilenetv2
     DATA:  a .txt file (one example per line), a .jsonl file with a "text" field,
-           a folder of images (resized to 64x64), or bbc-news | shakespeare | fashion-mnist""")
+           a folder of images (resized to 64x64; for a vision transformer, to its
+           config's image_size), or bbc-news | shakespeare | fashion-mnist""")
 
 
 def _strength(text: str):
@@ -173,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
         stats = Statistics.load(args.load_stats)
     else:
         targets = names(args.target_modules) if args.target_modules else data.default_target_modules(model)
-        batches = _calibration(args.data, "calibration", tokenizer, args)
-        reference = _calibration(args.reference, "reference", tokenizer, args) if args.reference else None
+        image = vision.preprocessing_for(model, args.model)
+        batches = _calibration(args.data, "calibration", tokenizer, args, image)
+        reference = _calibration(args.reference, "reference", tokenizer, args, image) if args.reference else None
         collection = dict(reference_dataloader=reference, forward_fn=_forward_fn(model), progress=not args.quiet,
                           max_stats_memory=args.max_stats_memory)
         # statistics to save are kept whole (on the host when capped); otherwise initialize streams the passes
@@ -248,13 +251,14 @@ def _run_diffusion(args: argparse.Namespace, config: CNTLoRAConfig) -> int:
     return 0
 
 
-def _calibration(name: str, what: str, tokenizer, args) -> list:
-    """The batches of a calibration draw from `name`, after a line saying how much they hold."""
+def _calibration(name: str, what: str, tokenizer, args, image=None) -> list:
+    """The batches of a calibration draw from `name`, after a line saying how much they hold
+    (images read as `image` says: an HF vision transformer's size, channels and normalization)."""
     size = args.calibration_size
     if args.max_batches:
         cap = args.max_batches * args.batch_size
         size = cap if size is None else min(size, cap)
-    drawn = data.load_batches(name, tokenizer, size, args.batch_size, args.max_length, args.seed)
+    drawn = data.load_batches(name, tokenizer, size, args.batch_size, args.max_length, args.seed, image=image)
     print(f"{what}: {drawn.summary()}")
     return drawn.batches
 
