@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .config import CNTLoRAConfig, CNTLoRAError
 from .layers import base_layer, delta_to_weight
 from .plan import Plan, solve, solve_parts
@@ -97,7 +98,9 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
     With base="residual", each adapted weight becomes W0 - s·B·A, so the output is unchanged.
 
     Args:
-        model: the model the plan was solved for.
+        model: the model the plan was solved for. A DistributedDataParallel wrapper is unwrapped
+            (wrap the returned PeftModel again to train); under FSDP2 the base stays sharded and
+            the LoRA factors are plain tensors, the same on every rank.
         plan: the plan from cntlora.solve or cntlora.solve_parts.
         lora_config: an optional peft.LoraConfig for everything the plan does not decide.
         adapter_name: the PEFT adapter name.
@@ -113,6 +116,7 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
     from peft import get_peft_model
 
     t0 = time.perf_counter()
+    model = dist.unwrap(model)  # DDP: PEFT wraps the module; wrap the PeftModel in DDP again to train it
     if plan.config.base == "residual":
         _refuse_shared_weights(model, plan.adapted)
         modules = dict(model.named_modules())
@@ -140,8 +144,8 @@ def apply(model: nn.Module, plan: Plan, lora_config=None, adapter_name: str = "d
             lora_b.copy_(lp.B.reshape(lora_b.shape))
             if plan.config.base == "residual":
                 w = base_layer(layer).weight
-                delta = s * (lp.B.double() @ lp.A.double())
-                w.sub_(delta_to_weight(delta, lp.spec).to(device=w.device, dtype=w.dtype))
+                delta = s * (lp.B.double() @ lp.A.double())  # FSDP2: each rank updates its own shard
+                dist.subtract_from_weight(w, delta_to_weight(delta, lp.spec).to(device=w.device, dtype=w.dtype))
         if abs(layer.scaling[adapter_name] - s) > 1e-9 * s:
             raise CNTLoRAError(f"PEFT gave {name!r} scale {layer.scaling[adapter_name]} instead of {s}")
     peft_model.cntlora_plan = plan
@@ -166,6 +170,7 @@ def initialize(
     stop_early: bool = True,
     progress: bool = True,
     adapter_name: str = "default",
+    distributed_solve: str = "rank0",
 ):
     """Collect statistics, solve and apply in one call.
 
@@ -186,6 +191,7 @@ def initialize(
             progress: as in collect_statistics.
         offload: collect every pass to host memory, then solve.
         adapter_name: the PEFT adapter name.
+        distributed_solve: under torch.distributed, "rank0" or "shared" (see cntlora.solve).
 
     Returns:
         A peft.PeftModel to train as usual; `cntlora_plan` holds the plan and its timings.
@@ -207,12 +213,12 @@ def initialize(
         t0 = time.perf_counter()
         stats = collect_statistics(model, dataloader, target_modules, offload=True, **collection)
         collect_seconds = time.perf_counter() - t0
-        plan = solve(model, stats, config, progress=progress)
+        plan = solve(model, stats, config, progress=progress, distributed_solve=distributed_solve)
         del stats
     else:
         collect_seconds = [0.0]
         parts = _timed(iter_statistics(model, dataloader, target_modules, **collection), collect_seconds)
-        plan = solve_parts(model, parts, config, progress=progress, release=True)
+        plan = solve_parts(model, parts, config, progress=progress, release=True, distributed_solve=distributed_solve)
         collect_seconds = collect_seconds[0]
     plan.timings["collect"] = collect_seconds
     return apply(model, plan, lora_config=lora_config, adapter_name=adapter_name)

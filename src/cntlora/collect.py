@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from .batches import (_ON_DEVICE, _forward, _StopForward, _batch_rows, _first_row, _host_mask, check_caps, default_forward, default_mask,
                       eval_mode, length_of, model_device, to_device)
+from . import distributed as dist
 from .config import CNTLoRAError
-from .layers import LayerSpec, find_targets, input_rows, layer_spec, row_mask
+from .layers import LayerSpec, base_layer, find_targets, input_rows, layer_spec, row_mask
 from .gram import _GEMM_KIND, add_gram, stats_dtype_for
 from .statistics import Statistics, Sums, check_sums, model_fingerprint, weight_digest
 
@@ -152,7 +153,7 @@ def _run_pass(model, dataloader, collector, *, max_batches, max_tokens, forward_
     if stream_cap and batches >= STREAM_CAP:
         warnings.warn(f"the {desc} data has no length and was read up to {STREAM_CAP} batches; pass max_batches= "
                       "or max_tokens= to read more or fewer", stacklevel=2)
-    if batches == 0:
+    if batches == 0 and not dist.active():  # under torch.distributed a rank may have none; some rank must
         raise CNTLoRAError(f"the {desc} dataloader yielded no batches; pass a dataloader with at least one batch")
     return batches, tokens
 
@@ -203,13 +204,15 @@ def _finish_discovery(collector: "_Collector") -> None:
         raise CNTLoRAError(f"layers {silent[:3]} never ran in the forward pass; remove them from target_modules")
 
 
-def _all_reduce(sums: Dict[str, Sums]) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for s in sums.values():
-            for t in s.tensors():
-                dist.all_reduce(t)
+def _check_ranks(table: list, sharded: bool) -> None:
+    """After the first batch: some rank has data, all or none have a reference set, and under
+    FSDP2 every rank has as many batches as the others."""
+    if not any(row[0] for row in table):
+        raise CNTLoRAError("the fine dataloader yielded no batches; pass a dataloader with at least one batch")
+    if len({row[1] for row in table}) > 1:
+        raise CNTLoRAError("some ranks passed reference_dataloader and some did not; pass it on every rank or none")
+    if sharded:
+        dist.check_sharded_lengths(table, 2, "fine")
 
 
 def collect_statistics(
@@ -273,7 +276,7 @@ def collect_statistics(
         else:
             merged.merge(part)
         del part
-    merged.reorder(list(find_targets(model, target_modules)))  # the passes' layers in the model's order
+    merged.reorder(list(find_targets(dist.unwrap(model), target_modules)))  # the passes' layers in the model's order
     return merged
 
 
@@ -308,6 +311,7 @@ def iter_statistics(
         CNTLoRAError: as collect_statistics; also a one-shot iterator with several passes.
     """
     check_caps(max_batches, max_tokens, max_stats_memory)
+    model = dist.unwrap(model)  # DDP: hooks, names and forward on the module itself
     if any(p.is_meta for p in model.parameters()):
         raise CNTLoRAError("the model is on the meta device (no weights are loaded); load it with its weights, "
                            "e.g. from_pretrained without init_empty_weights, before initializing")
@@ -317,34 +321,37 @@ def iter_statistics(
     specs = {name: layer_spec(name, m) for name, m in modules.items()}
     device = model_device(model)
     dtype = stats_dtype_for(device, stats_dtype)
-    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-    progress = progress and rank0
+    progress = progress and dist.is_main()
+    sharded = any(dist.is_sharded(m.weight) for m in map(base_layer, modules.values()))
+    stop_early = stop_early and not sharded  # FSDP2: every forward runs to the end, resharding as it goes
     run = dict(max_batches=max_batches, max_tokens=max_tokens, forward_fn=forward_fn, mask_fn=mask_fn, device=device)
 
     sets = [("fine", dataloader)] + ([("reference", reference_dataloader)] if reference_dataloader is not None else [])
     collector = _Collector(modules, specs, None, dtype, stop_early)
     gemm = lambda: {str(k[1]).replace("torch.", ""): v for k, v in _GEMM_KIND.items() if k[0] == device.type}  # noqa: E731
     with eval_mode(model):
-        first = next(iter(dataloader), None)
-        if first is None:
-            raise CNTLoRAError("the fine dataloader yielded no batches; pass a dataloader with at least one batch")
-        if iter(dataloader) is dataloader:  # a one-shot iterator: put the batch taken back in front
+        table: list = []  # per rank: has a first batch, has a reference set, its number of fine batches
+        with dist.agreed("the first batch", lambda: (first is not None, reference_dataloader is not None,
+                                                     length_of(dataloader) or 0), table):
+            first = next(iter(dataloader), None)
+            if first is not None:
+                # The order and the sharing of the layer inputs, from one row of the first batch, so
+                # that even the first batch stops early (the LM head's logits were a first-batch peak)
+                try:
+                    _discover(model, collector, _first_row(first), forward_fn, device)
+                except CNTLoRAError:
+                    raise
+                except Exception:  # a forward that needs the whole batch (a fixed batch size): discover on it
+                    _discover(model, collector, first, forward_fn, device, what="the first batch")
+                if max_stats_memory is not None and collector.discover:  # some layer did not run on that row (MoE?)
+                    _discover(model, collector, first, forward_fn, device, what="the first batch")
+        _check_ranks(table, sharded)
+        if first is not None and iter(dataloader) is dataloader:  # a one-shot iterator: put the batch taken back
             dataloader = itertools.chain([first], dataloader)
             sets[0] = ("fine", dataloader)
-        # The order and the sharing of the layer inputs, from one row of the first batch, so
-        # that even the first batch stops early (the LM head's logits were a first-batch peak)
-        try:
-            _discover(model, collector, _first_row(first), forward_fn, device)
-        except CNTLoRAError:
-            raise
-        except Exception:  # a forward that needs the whole batch (a fixed batch size): discover on it
-            _discover(model, collector, first, forward_fn, device, what="the first batch")
+        dist.merge_groups(collector)
         passes: List[Optional[List[str]]] = [None]  # None: every layer (discovery may go on into the pass)
         if max_stats_memory is not None:  # every layer's sharing is needed to plan the passes
-            if collector.discover:  # some layer did not run on that row (a mixture of experts?)
-                _discover(model, collector, first, forward_fn, device, what="the first batch")
             _finish_discovery(collector)
             passes = _memory_passes(collector.groups, specs, max_stats_memory, dtype.itemsize)
         del first
@@ -361,12 +368,18 @@ def iter_statistics(
                 collector.active = set(active or modules)
                 collector.plan_stop()
                 desc = which if len(passes) == 1 else f"{which} {index + 1}/{len(passes)}"
-                with collector.attached():
+                counts: list = []
+                with dist.agreed(f"the {desc} pass", lambda: (batches,), counts), collector.attached():
                     batches, _ = _run_pass(model, loader, collector, desc=desc, progress=progress, **run)
+                if (batches := sum(row[0] for row in counts)) == 0:  # over every rank
+                    raise CNTLoRAError(f"the {which} dataloader yielded no batches on any rank; pass data")
+                dist.merge_groups(collector)
                 _finish_discovery(collector)
                 results[which], collector.sums = collector.sums, {}
                 info[which] = {"batches": batches, "passes": len(passes)}
-                _all_reduce(results[which])
+                leaders = [g for g in specs if collector.groups.get(g) == g and g in collector.active]
+                results[which] = dist.all_reduce_sums(results[which], leaders,
+                                                      lambda g: Sums.zeros(specs[g].in_features, device, dtype))
                 check_sums(which, results[which], collector.groups)
             info["stats_dtype"] = str(dtype).replace("torch.", "")
             info["gemm"] = gemm()

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed as dist
 from .config import CNTLoRAConfig, CNTLoRAError
 from .files import JOURNAL, recover_directory, write_directory_atomically
 from .layers import LayerSpec, base_layer
@@ -134,7 +135,9 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwr
 
     The folder is a PEFT adapter folder plus cntlora.json, init_factors.safetensors and, in
     residual mode, residual_base.safetensors (only the changed base weights). The folder is
-    written next to `out_dir` and swapped in when complete.
+    written next to `out_dir` and swapped in when complete. Under torch.distributed only rank 0
+    writes; call it on every rank (needed when the weights are FSDP2-sharded: the residual base
+    is gathered) or on rank 0 alone, and put a barrier after it before other ranks read the folder.
 
     Args:
         peft_model: a PeftModel made by cntlora.apply / cntlora.initialize (or load_adapter).
@@ -149,8 +152,16 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwr
         CNTLoRAError: the model carries no cntlora plan, the adapter does not match it, out_dir
             is a file or a folder that is not an adapter folder, or it exists and overwrite is False.
     """
+    peft_model = dist.unwrap(peft_model)
     plan = _plan_of(peft_model)
     layers = _lora_layers(peft_model, plan, adapter_name)
+    # The frozen weights as they are now: W0 - s·B0·A0, laid out like the layer's weight (FSDP2:
+    # gathered one layer at a time, a collective every rank takes part in).
+    residual = {name: dist.full_weight(base_layer(layer).weight).detach().to("cpu", copy=True)
+                for name, layer in layers.items()} if plan.config.base == "residual" and (
+        dist.is_main() or any(dist.is_sharded(base_layer(m).weight) for m in layers.values())) else None
+    if not dist.is_main():  # under torch.distributed only rank 0 writes
+        return
 
     def write(folder: str) -> None:
         peft_model.save_pretrained(folder, selected_adapters=[adapter_name])
@@ -160,9 +171,7 @@ def save_adapter(peft_model, out_dir: str, adapter_name: str = "default", overwr
             factors[f"{name}.B"] = plan.layers[name].B.detach().cpu().contiguous()
             factors[f"{name}.A"] = plan.layers[name].A.detach().cpu().contiguous()
         save_file(factors, os.path.join(folder, INIT_FACTORS_FILE), metadata={"format": "pt"})
-        if plan.config.base == "residual":
-            # The frozen weights as they are now: W0 - s·B0·A0, laid out like the layer's weight.
-            residual = {name: base_layer(layer).weight.detach().to("cpu", copy=True) for name, layer in layers.items()}
+        if residual is not None:
             save_file(residual, os.path.join(folder, RESIDUAL_BASE_FILE), metadata={"format": "pt"})
         meta = _metadata(plan)
         meta["checksums"] = {f: file_sha256(os.path.join(folder, f))
@@ -295,7 +304,8 @@ def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default", o
 
     keep / subspace: the adapter as it is. residual: rank 2·r_l per layer with A' = [A; A0],
     B' = [B, -B0] and doubled alphas, so s is unchanged. modules_to_save come along.
-    Load it with plain peft.PeftModel.from_pretrained(original_base, out_dir).
+    Load it with plain peft.PeftModel.from_pretrained(original_base, out_dir). Under
+    torch.distributed only rank 0 writes (call it on any ranks; it holds no collective).
 
     Args:
         peft_model: a PeftModel made by cntlora (trained or not).
@@ -316,8 +326,11 @@ def export_plain_lora(peft_model, out_dir: str, adapter_name: str = "default", o
                            "init factors out of step with the weights: export into another folder")
     from peft import get_peft_model_state_dict
 
+    peft_model = dist.unwrap(peft_model)
     plan = _plan_of(peft_model)
     layers = _lora_layers(peft_model, plan, adapter_name)
+    if not dist.is_main():  # under torch.distributed only rank 0 writes (LoRA factors are never sharded)
+        return
     lora_config = copy.deepcopy(peft_model.peft_config[adapter_name])
     state = peft_model.state_dict()
     if plan.config.base == "residual":

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CNTLoRAError
+from .distributed import full_weight, local_weight
 
 try:  # transformers is a dependency, but keep the core importable without it
     from transformers.pytorch_utils import Conv1D
@@ -105,7 +106,7 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
 
 def weight_matrix(module: nn.Module, spec: LayerSpec) -> torch.Tensor:
     """W0 as an m × n matrix (a view where possible, in the layer's own dtype)."""
-    w = base_layer(module).weight
+    w = full_weight(base_layer(module).weight)  # FSDP2: this layer's weight gathered (every rank calls it)
     if spec.kind == "conv1d":
         return w.T
     return w.reshape(spec.out_features, spec.in_features)
@@ -175,7 +176,7 @@ def check_finite_weights(modules: Dict[str, nn.Module]) -> None:
     """Refuse target layers whose weight holds NaN or Inf (one device sync for all of them)."""
     if not modules:
         return
-    finite = torch.stack([torch.isfinite(base_layer(m).weight).all().cpu() for m in modules.values()]).tolist()
+    finite = torch.stack([torch.isfinite(local_weight(base_layer(m).weight)).all().cpu() for m in modules.values()]).tolist()
     broken = [n for n, ok in zip(modules, finite) if not ok]
     if broken:
         raise CNTLoRAError(f"the weights of {broken[:3]} hold NaN or Inf; load a healthy checkpoint, or leave "

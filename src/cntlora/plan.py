@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .clock import PhaseClock, synchronize  # noqa: F401  (synchronize: the benchmark's timings)
+from . import distributed as dist
 from .config import CNTLoRAConfig, CNTLoRAError
 from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores,
                         generalized_directions, lora_factors, objective_truncation, randomized_range, ritz_triplets, top_singular)
@@ -107,44 +108,35 @@ class Plan:
         return "\n".join(lines)
 
 
-def _broadcast(plan: Optional[Plan]) -> Plan:
-    """Solve once on rank 0 and give every rank the identical plan."""
-    import torch.distributed as dist
-
-    box = [plan]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool = False) -> Plan:
+def solve(model: nn.Module, stats: Statistics, config: CNTLoRAConfig, progress: bool = False,
+          distributed_solve: str = "rank0") -> Plan:
     """Solve for ΔW per layer and decompose it into LoRA factors.
 
-    Under torch.distributed, rank 0 solves and broadcasts, so every rank holds identical adapters.
+    Under torch.distributed every rank must call it; rank 0's plan is broadcast, so every rank
+    holds identical adapters (docs/multi-gpu.md).
 
     Args:
-        model: the model the statistics were collected on (its weights are read, not changed).
+        model: the model the statistics were collected on (its weights are read, not changed);
+            a DistributedDataParallel wrapper is unwrapped.
         stats: the Statistics from collect_statistics (or Statistics.load).
         config: the CNTLoRAConfig.
-        progress: show a progress bar over the layers.
+        progress: show a progress bar over the layers (rank 0 only).
+        distributed_solve: under torch.distributed, "rank0" (rank 0 solves every layer) or
+            "shared" (each rank solves a share of the layer inputs; rank 0 gathers them).
 
     Returns:
         The Plan: B, A and the rank of every layer, plus the scale and timings.
 
     Raises:
         CNTLoRAError: the statistics belong to another model or checkpoint, a mode needs
-            pre-training statistics that are missing, or a system is singular (raise ridge).
+            pre-training statistics that are missing, a system is singular (raise ridge), or
+            (under torch.distributed) another rank failed.
     """
-    return solve_parts(model, [stats], config, progress)
+    return solve_parts(model, [stats], config, progress, distributed_solve=distributed_solve)
 
 
 def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRAConfig, progress: bool = False,
-                release: bool = False) -> Plan:
+                release: bool = False, distributed_solve: str = "rank0") -> Plan:
     """`solve` over statistics that arrive in parts (the passes of iter_statistics).
 
     Each part's layers are solved and decomposed when it arrives and only their spectra are
@@ -157,6 +149,7 @@ def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRACo
             rank must iterate it.
         release: drop each input's sums from its part as soon as its layers are solved (for
             parts nobody else reads; it empties them).
+        distributed_solve: as in solve.
 
     Returns:
         The Plan, identical on every rank.
@@ -164,14 +157,16 @@ def solve_parts(model: nn.Module, parts: Iterable[Statistics], config: CNTLoRACo
     Raises:
         CNTLoRAError: as in solve, or no statistics were given.
     """
-    distributed = _distributed()
-    solver = _Solver(model, config, progress) if not distributed or torch.distributed.get_rank() == 0 else None
-    for part in parts:  # every rank iterates: the collection all-reduces each pass
-        if solver is not None:
-            solver.add(part, release)
+    if distributed_solve not in dist.SOLVE_MODES:
+        raise CNTLoRAError(f"distributed_solve={distributed_solve!r}; use one of {dist.SOLVE_MODES}")
+    model = dist.unwrap(model)
+    solver = _Solver(model, config, progress and dist.is_main())
+    if dist.active():
+        return dist.solve_parts(model, parts, solver, distributed_solve, release)
+    for part in parts:
+        solver.add(part, release)
         del part
-    plan = solver.plan() if solver is not None else None
-    return _broadcast(plan) if distributed else plan
+    return solver.plan()
 
 
 # Layers with min(m, n) above this get a randomized SVD, on every device, so the CPU and the GPU
