@@ -72,7 +72,9 @@ def init_model(task: Task, label: str, seed: int, device) -> tuple[nn.Module, fl
         if not task.reference_batches:
             raise CNTLoRAError(f"{label}: task {task.name!r} has no reference set (Task.reference_batches); give it "
                                "pre-training-like batches, or use pretrain_source=weights")
-        reference = list(task.reference_batches)
+        reference = task.reference_sample(harness.get("ref"))
+    elif "ref" in harness:
+        raise CNTLoRAError(f"{label}: ref= sets the size of the reference sample; add pretrain_source=reference")
     torch.manual_seed(seed)
     model = task.build_model(seed).to(device)
     _sync(device)

@@ -17,7 +17,7 @@ from cntlora.config import CNTLoRAError
 
 from .baselines import METHODS
 
-HARNESS_KEYS = ("calib",)  # overrides the harness handles itself (calibration size)
+HARNESS_KEYS = ("calib", "ref")  # overrides the harness handles itself (calibration and reference sample sizes)
 
 
 @dataclass
@@ -63,9 +63,44 @@ class Task:
         size = self.calibration_size if size is None else size
         return self.batches(self.train[: min(size, len(self.train))], self.batch_size)
 
+    def reference_sample(self, size: Optional[int] = None) -> list:
+        """The first `size` examples of reference_batches (all of them when size is None), re-batched as they were.
+
+        Raises:
+            CNTLoRAError: size is not a positive number of examples the reference set holds.
+        """
+        batches = list(self.reference_batches)
+        if size is None:
+            return batches
+        held = sum(_batch_len(b) for b in batches)
+        if not isinstance(size, int) or not 0 < size <= held:
+            raise CNTLoRAError(f"ref={size!r}: task {self.name!r} holds {held} reference examples; use ref=1..{held}")
+        out, left = [], size
+        for b in batches:
+            if left <= 0:
+                break
+            out.append(_batch_head(b, left))
+            left -= _batch_len(out[-1])
+        return out
+
     def full_lora_kwargs(self) -> dict:
         """lora_kwargs with target_modules added."""
         return {**self.lora_kwargs, "target_modules": self.target_modules}
+
+
+def _batch_len(batch) -> int:
+    if isinstance(batch, dict):
+        return len(next(iter(batch.values())))
+    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+
+
+def _batch_head(batch, n: int):
+    """The first n examples of a batch (a tensor, a dict of tensors or a tuple of tensors)."""
+    if isinstance(batch, dict):
+        return {k: v[:n] for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(v[:n] for v in batch)
+    return batch[:n]
 
 
 def _parse_value(text: str):

@@ -359,7 +359,14 @@ TASKS = {
     "lm": lambda **kw: lm_task(**{"train_size": TRAIN_SIZE, **kw}),
     "lm-fewshot": lambda **kw: lm_task(**{"train_size": FEWSHOT_SIZE, **kw}),
     "tiny": tiny_task,
+    "vit": lambda **kw: _vit_task(**kw),
 }
+
+
+def _vit_task(**kwargs) -> Task:
+    from ..vit.tasks import vit_task
+
+    return vit_task(**kwargs)
 
 
 def make_task(name: str, **kwargs) -> Task:

@@ -1,0 +1,60 @@
+"""What the ViT suite runs: the development and confirmation halves, the method labels, the protocol.
+
+The split of the ten tasks was drawn once, before any run, by a seeded shuffle within each
+VTAB group (seed 2507; bench/vit/PREREGISTRATION.md). Settings are chosen on the development
+half only; the confirmation half runs once, with the rule written down first.
+"""
+
+from __future__ import annotations
+
+from ..quality.baselines import PEFT_METHODS
+from ..quality.pool import Spec
+from .suite import TASK_NAMES
+from .tasks import CHECKPOINTS
+
+DEV = ("photos", "digits", "microscopy", "corruption", "rotation")
+CONFIRM = ("letters", "sketch", "count", "position", "size")
+assert sorted(DEV + CONFIRM) == sorted(TASK_NAMES)
+SEEDS = range(5)
+SELECT_SEEDS = 1  # every lr runs on seed 0; the lr with the best validation accuracy runs on seeds 1-4
+LRS = (1e-3, 3e-3, 1e-2)
+STEPS = {False: 100, True: 48}  # 1k regime: 8 epochs of batch 64; few-shot: 12 epochs of batch 25
+REF = "pretrain_source=reference"  # the true pre-training sample (4,096 Fashion-MNIST training images)
+
+# pre-training statistics for Cross and Shift: the true sample, the weight proxy, isotropic; Self has none
+PREMISE = ["cntlora-self", f"cntlora-cross@{REF}", f"cntlora-shift@{REF}", "cntlora-cross@pretrain_source=weights",
+           "cntlora-shift@pretrain_source=weights", "cntlora-cross@pretrain_source=isotropic",
+           "cntlora-shift@pretrain_source=isotropic"]
+DEV_LABELS = PEFT_METHODS + PREMISE + [
+    "cntlora-self-vas", f"cntlora-cross-vas@{REF}",
+    f"cntlora-cross@{REF},directions=generalized",  # A from where fine-tuning energy exceeds pre-training energy
+    "cntlora-self-vas@a_row_norm=1",  # the setting recommended on the MobileNetV2 few-shot table
+]
+SIZES = (64, 256, 1024)  # smaller true samples, for the accuracy-against-sample-size plot
+
+
+def specs(tasks, labels, regimes=(False, True), sizes=()) -> list:
+    """run_many specs: one per task and regime, the size sweep (1k regime only) after.
+
+    Args:
+        tasks: suite task names.
+        labels: method labels.
+        regimes: False for the 1k regime, True for few-shot.
+        sizes: true-sample sizes for Cross and Shift.
+
+    Returns:
+        The specs, in run order.
+    """
+    out = []
+    for fewshot in regimes:
+        for task in tasks:
+            name = f"vit-{task}" + ("-fewshot" if fewshot else "")
+            out.append(Spec(name=name, task="vit", methods=list(labels), seeds=list(SEEDS), lrs=list(LRS),
+                            steps=STEPS[fewshot], task_kwargs={"suite": task, "fewshot": fewshot},
+                            checkpoints=CHECKPOINTS, select_seeds=SELECT_SEEDS))
+    if sizes:
+        sweep = [f"cntlora-{mode}@{REF},ref={n}" for mode in ("cross", "shift") for n in sizes]
+        out += [Spec(name=f"vit-{task}-sizes", task="vit", methods=sweep, seeds=list(SEEDS), lrs=list(LRS),
+                     steps=STEPS[False], task_kwargs={"suite": task, "fewshot": False}, checkpoints=CHECKPOINTS,
+                     select_seeds=SELECT_SEEDS) for task in tasks]
+    return out

@@ -1,0 +1,51 @@
+"""Run one half of the ViT suite on a GPU, logging every run to OUT/runs.jsonl as it finishes.
+
+    python -m bench.vit.run dev --out OUT [--workers 15]
+    python -m bench.vit.run confirm --out OUT --labels LABEL ...   # the rule's labels (PREREGISTRATION.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..quality.pool import RunLog, run_many
+from . import plan
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("half", choices=("dev", "confirm"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workers", type=int, default=15)
+    parser.add_argument("--labels", nargs="+", default=None, help="method labels (default: the half's plan)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="a subset of the half's tasks")
+    parser.add_argument("--regimes", nargs="+", choices=("1k", "fewshot"), default=("1k", "fewshot"))
+    parser.add_argument("--sizes", action="store_true", help="add the true-sample size sweep (1k regime)")
+    args = parser.parse_args(argv)
+    tasks = args.tasks or (plan.DEV if args.half == "dev" else plan.CONFIRM)
+    labels = args.labels or plan.DEV_LABELS
+    specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(args.out / "runs.jsonl")
+    t0 = time.perf_counter()
+    n = 0
+
+    def line(text):
+        nonlocal n
+        n += 1
+        print(f"[{time.perf_counter() - t0:6.0f}s #{n}] {text}", flush=True)
+
+    try:
+        run_many(specs, workers=args.workers, on_run=log.on_run, on_start=log.on_start, log=line)
+    finally:
+        log.close()
+    (args.out / "run.json").write_text(json.dumps({"half": args.half, "tasks": list(tasks), "labels": labels,
+                                                   "seconds": time.perf_counter() - t0}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
