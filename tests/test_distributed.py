@@ -84,6 +84,11 @@ def _join(rank, world, port, timeout_s):
     torch.manual_seed(100 + rank)  # rank-dependent RNG state must not leak into the adapter
 
 
+def _leave():
+    dist.barrier()  # no rank tears the group down while another still talks to it
+    dist.destroy_process_group()
+
+
 def _sums(stats):
     return {g: (s.count.clone(), s.total.clone(), s.full(torch.float64)) for g, s in stats.fine.items()}
 
@@ -139,7 +144,7 @@ def _uneven_worker(rank, world, port, out, timeout_s):
         rec["mlp"] = _factors(cntlora.solve_parts(mlp, parts, CFG, release=True))
         torch.save(rec, os.path.join(out, f"uneven{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def _same(a, b):
@@ -238,7 +243,7 @@ def _failing_worker(rank, world, port, out, timeout_s, how):
             open(release, "w").close()
         torch.save(messages, os.path.join(out, f"failed{rank}.pt"))
         if how == "fails":
-            dist.destroy_process_group()
+            _leave()
 
 
 def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
@@ -291,7 +296,7 @@ def _fsdp_worker(rank, world, port, out, timeout_s):
             rec["uneven"] = str(e)
         torch.save(rec, os.path.join(out, f"fsdp{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_fsdp2_sharded_weights_on_gloo(tmp_path):
