@@ -15,6 +15,7 @@ from .tasks import CHECKPOINTS
 DEV = ("photos", "digits", "microscopy", "corruption", "rotation")
 CONFIRM = ("letters", "sketch", "count", "position", "size")
 assert sorted(DEV + CONFIRM) == sorted(TASK_NAMES)
+TASK_ORDER = DEV + CONFIRM
 SEEDS = range(5)
 SELECT_SEEDS = 1  # every lr runs on seed 0; the lr with the best validation accuracy runs on seeds 1-4
 LRS = (1e-3, 3e-3, 1e-2)

@@ -92,7 +92,7 @@ def vit_task(suite: str, fewshot: bool = False, quick: bool = False, model=None,
 
     def pairs(split, n=None):
         x, y = z[f"{suite}/{split}_x"], z[f"{suite}/{split}_y"]
-        n = len(y) if n is None else n
+        n = len(y) if n is None else min(n, len(y))
         return [(torch.from_numpy(x[i].copy()), int(y[i])) for i in range(n)]
 
     classes = int(z[f"{suite}/train_y"].max()) + 1

@@ -1,0 +1,121 @@
+"""The ViT suite: task generators, the harness Task, the ref= sample size, and the report's statistics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.quality.protocol import init_model
+from bench.vit import plan, report, suite
+from bench.vit.tasks import vit_task
+from cntlora.config import CNTLoRAError
+
+
+def _fm_test(n=60):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize("task", ["sketch", "rotation", "count", "position", "size", "corruption"])
+def test_structured_tasks_are_deterministic_and_labelled(task, monkeypatch):
+    monkeypatch.setattr(suite, "N_TRAIN", 30)
+    monkeypatch.setattr(suite, "N_VAL", 10)
+    monkeypatch.setattr(suite, "N_TEST", 20)
+    a = suite.make_task_arrays(task, _fm_test(), seed=3)
+    b = suite.make_task_arrays(task, _fm_test(), seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert a["train_x"].shape == (30, 28, 28) and a["val_x"].shape == (10, 28, 28) and a["test_x"].shape == (20, 28, 28)
+    assert a["train_x"].dtype == np.uint8
+    classes = {"sketch": 10, "rotation": 4, "count": 4, "position": 9, "size": 4, "corruption": 5}[task]
+    assert set(np.unique(np.concatenate([a["train_y"], a["test_y"]]))) <= set(range(classes))
+
+
+def test_rotation_labels_match_the_rotation(monkeypatch):
+    monkeypatch.setattr(suite, "N_TRAIN", 20)
+    monkeypatch.setattr(suite, "N_VAL", 0)
+    monkeypatch.setattr(suite, "N_TEST", 0)
+    fm = _fm_test(1)
+    fm = (np.repeat(fm[0], 5, 0), np.zeros(5, int))  # one item, so each image is a rotation of it
+    a = suite.make_task_arrays("rotation", fm, seed=0)
+    for x, k in zip(a["train_x"], a["train_y"]):
+        assert np.array_equal(np.rot90(x, -k), fm[0][0])
+
+
+def test_split_covers_every_group_and_every_task():
+    assert sorted(plan.DEV + plan.CONFIRM) == sorted(suite.TASK_NAMES)
+    for names in suite.GROUPS.values():
+        assert any(t in plan.DEV for t in names) and any(t in plan.CONFIRM for t in names)
+
+
+@pytest.fixture
+def tiny_suite(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"reference_x": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)}
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        arrays[f"rotation/{split}_x"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"rotation/{split}_y"] = rng.integers(0, 4, n)
+    path = tmp_path / "suite.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                               num_labels=10)).eval()
+
+
+def test_vit_task_and_the_reference_sample_size(tiny_suite):
+    task = vit_task("rotation", fewshot=True, model=_tiny_vit(), path=tiny_suite)
+    assert task.name == "vit-rotation-fewshot" and len(task.train) == 24  # fewer than 100 held: all of them
+    assert sum(len(b["labels"]) for b in task.reference_sample(5)) == 5
+    assert sum(len(b["labels"]) for b in task.reference_sample()) == 20
+    with pytest.raises(CNTLoRAError, match="ref=1..20"):
+        task.reference_sample(21)
+    model, _ = init_model(task, f"cntlora-cross@{plan.REF},ref=5", 0, torch.device("cpu"))
+    assert model.cntlora_plan.pretrain_source == "reference"
+    with pytest.raises(CNTLoRAError, match="add pretrain_source=reference"):
+        init_model(task, "cntlora-cross@ref=5", 0, torch.device("cpu"))
+    with pytest.raises(CNTLoRAError, match="unknown suite task"):
+        vit_task("nope", model=_tiny_vit(), path=tiny_suite)
+
+
+def test_missing_suite_file_names_the_command(tmp_path):
+    with pytest.raises(CNTLoRAError, match="python -m bench.vit.suite"):
+        vit_task("rotation", model=_tiny_vit(), path=tmp_path / "absent.npz")
+
+
+def _log(path, accs):
+    """A run log with one lr per label (so the chosen lr is that one)."""
+    with open(path, "w") as f:
+        for (label, task, fewshot), by_seed in accs.items():
+            spec = f"vit-{task}" + ("-fewshot" if fewshot else "")
+            f.write(json.dumps({"kind": "meta", "spec": spec, "data": {"metric": "accuracy", "higher_is_better": True,
+                                                                      "steps": 1, "train_size": 1}}) + "\n")
+            for seed, acc in by_seed.items():
+                f.write(json.dumps({"kind": "run", "spec": spec, "data": {"label": label, "seed": seed, "lr": 0.001,
+                                                                         "steps": 1, "val": {"1": acc}, "test": acc}}) + "\n")
+
+
+def test_report_applies_the_rule_and_its_intervals(tmp_path):
+    rng = np.random.default_rng(0)
+    offsets = {"default": 0.0, "gaussian": 0.01, "cntlora-self": 0.02, f"cntlora-cross@{plan.REF}": 0.03}
+    accs = {(label, t, f): {s: 0.5 + off + 0.01 * rng.standard_normal() for s in plan.SEEDS}
+            for label, off in offsets.items() for t in plan.TASK_ORDER for f in (False, True)}
+    _log(tmp_path / "runs.jsonl", accs)
+    result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
+    assert result["fixed"] == f"cntlora-cross@{plan.REF}"
+    primary = result["primary"]
+    assert primary["baseline"] == "gaussian"
+    assert abs(primary["mean"] - 0.02) < 0.01
+    assert primary["bootstrap95"][0] < primary["mean"] < primary["bootstrap95"][1]
+    assert primary["bootstrap95"][0] > 0  # a 2-point edge with 1-point noise over 50 cells is resolved
+    assert set(result["secondary"]["both"]) == {"default", "gaussian"}
+    assert result["premise"]["confirm"]["cross(true) - self"]["mean"] == pytest.approx(0.01, abs=0.01)
+    assert "not run" in report.markdown(result)  # the proxies were not in this log
+    out = report.plot(result, tmp_path)
+    assert all(p.stat().st_size > 0 for p in out)
