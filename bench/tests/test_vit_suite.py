@@ -119,3 +119,22 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert "not run" in report.markdown(result)  # the proxies were not in this log
     out = report.plot(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in out)
+
+
+def test_the_one_call_order_runs_every_label_once_per_cell_core_first():
+    specs = plan.priority_specs()
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    covered = {}
+    for s in specs:
+        if not s.name.endswith("-sizes"):
+            for label in s.methods:
+                key = (label, s.task_kwargs["suite"], s.task_kwargs["fewshot"])
+                assert key not in covered
+                covered[key] = s.name
+    assert set(covered) == {(label, t, f) for label in plan.DEV_LABELS for t in plan.TASK_ORDER for f in (False, True)}
+    first_extra = next(i for i, s in enumerate(specs) if s.name.endswith("-more"))
+    first_sizes = next(i for i, s in enumerate(specs) if s.name.endswith("-sizes"))
+    assert all(set(s.methods) == set(plan.CORE_LABELS) for s in specs[:first_sizes])
+    assert [s.task_kwargs["suite"] in plan.DEV for s in specs[:first_sizes]] == [True] * 10 + [False] * 10
+    assert first_sizes < first_extra and all(s.name.endswith("-more") for s in specs[first_extra:])

@@ -32,6 +32,10 @@ DEV_LABELS = PEFT_METHODS + PREMISE + [
     "cntlora-self-vas@a_row_norm=1",  # the setting recommended on the MobileNetV2 few-shot table
 ]
 SIZES = (64, 256, 1024)  # smaller true samples, for the accuracy-against-sample-size plot
+# the order of one device call that runs both halves (PREREGISTRATION.md, "One call"): the PEFT inits
+# and the premise's labels first, on both halves, then the size sweep, then the rest
+CORE_LABELS = PEFT_METHODS + PREMISE
+EXTRA_LABELS = [label for label in DEV_LABELS if label not in CORE_LABELS]
 
 
 def specs(tasks, labels, regimes=(False, True), sizes=()) -> list:
@@ -58,4 +62,26 @@ def specs(tasks, labels, regimes=(False, True), sizes=()) -> list:
         out += [Spec(name=f"vit-{task}-sizes", task="vit", methods=sweep, seeds=list(SEEDS), lrs=list(LRS),
                      steps=STEPS[False], task_kwargs={"suite": task, "fewshot": False}, checkpoints=CHECKPOINTS,
                      select_seeds=SELECT_SEEDS) for task in tasks]
+    return out
+
+
+def priority_specs(sizes=SIZES) -> list:
+    """Both halves in one run_many call, most needed first, so a time limit cuts the least needed.
+
+    The order: the core labels (CORE_LABELS) on the development half, then on the confirmation
+    half; the size sweep on the confirmation half; last, the other labels on the development
+    half, then on the confirmation half. The specs of the other labels are named with a
+    "-more" suffix (run_many needs one name per lr-selecting spec).
+
+    Args:
+        sizes: true-sample sizes of the sweep; () for none.
+
+    Returns:
+        The specs, in run order.
+    """
+    out = specs(DEV, CORE_LABELS) + specs(CONFIRM, CORE_LABELS) + specs(CONFIRM, [], regimes=(), sizes=sizes)
+    for tasks in (DEV, CONFIRM):
+        for spec in specs(tasks, EXTRA_LABELS):
+            spec.name += "-more"
+            out.append(spec)
     return out

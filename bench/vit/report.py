@@ -30,7 +30,7 @@ def accuracies(paths) -> dict:
     """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr."""
     out = {}
     for spec, results in load_runs(paths).items():
-        task = spec.removeprefix("vit-").removesuffix("-sizes")
+        task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more")
         fewshot = task.endswith("-fewshot")
         task = task.removesuffix("-fewshot")
         by_label = {}
@@ -97,12 +97,13 @@ def analyse(acc: dict) -> dict:
         for regime, regimes in (("both", (False, True)), ("1k", (False,)), ("fewshot", (True,))):
             out["tables"][f"{half}/{regime}"] = suite_table(acc, tasks, cells(tasks, regimes))
     dev = out["tables"]["dev/both"]
-    ours = [label for label in dev if label.startswith("cntlora-")]
+    conf = out["tables"]["confirm/both"]
+    # candidates: CNTLoRA labels with every run on both halves (a time limit, never a result, decides)
+    ours = [label for label in dev if label.startswith("cntlora-") and label in conf]
     if not ours:
         return out
     fixed = ours[0]
     out["fixed"] = fixed
-    conf = out["tables"]["confirm/both"]
     peft = [label for label in conf if label in PEFT_METHODS]
     if fixed in conf and peft:
         best = peft[0]

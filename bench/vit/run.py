@@ -2,6 +2,7 @@
 
     python -m bench.vit.run dev --out OUT [--workers 15]
     python -m bench.vit.run confirm --out OUT --labels LABEL ...   # the rule's labels (PREREGISTRATION.md)
+    python -m bench.vit.run both --out OUT             # both halves in one call, most needed first (plan.priority_specs)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from . import plan
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("half", choices=("dev", "confirm"))
+    parser.add_argument("half", choices=("dev", "confirm", "both"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--labels", nargs="+", default=None, help="method labels (default: the half's plan)")
@@ -27,7 +28,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tasks = args.tasks or (plan.DEV if args.half == "dev" else plan.CONFIRM)
     labels = args.labels or plan.DEV_LABELS
-    specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
+    if args.half == "both":
+        specs = plan.priority_specs(plan.SIZES if args.sizes else ())
+        tasks, labels = plan.TASK_ORDER, plan.DEV_LABELS
+    else:
+        specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
     args.out.mkdir(parents=True, exist_ok=True)
     log = RunLog(args.out / "runs.jsonl")
     t0 = time.perf_counter()
