@@ -1,9 +1,9 @@
-"""Pre-train the suite's ViT on Fashion-MNIST's 60k training images (one GPU, about a minute).
+"""Pre-train the suite's ViT on the first 50,000 Fashion-MNIST training images (one GPU, about a minute).
 
     python -m bench.vit.pretrain FASHION_MNIST_FOLDER [--out bench/vit/artifacts/vit-fmnist]
 
-The recipe (all of it fixed here and recorded in the folder's pretrain.json): the 60,000
-training images and their 10 labels, random translations of up to 2 pixels and horizontal
+The recipe (all of it fixed here and recorded in the folder's pretrain.json): the first
+50,000 of the 60,000 training images (suite.PRETRAIN_IMAGES) and their 10 labels, random translations of up to 2 pixels and horizontal
 flips, AdamW (lr 1e-3, weight decay 0.05, betas 0.9/0.999), batch 512, 40 epochs, 2 of them
 linear warm-up then cosine decay, label smoothing 0.1, bf16 autocast, seed 0. The weights are
 saved in fp16. The test split is only evaluated, never trained on (here when its files are present, else
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import ARTIFACT, CONFIG, MEAN, STD, new_vit, pixels
-from .suite import fashion_mnist
+from .suite import PRETRAIN_IMAGES, fashion_mnist
 
 RECIPE = dict(epochs=40, warmup_epochs=2, batch_size=512, lr=1e-3, weight_decay=0.05, label_smoothing=0.1,
               max_shift=2, hflip=True, seed=0, autocast="bfloat16")
@@ -61,7 +61,7 @@ def pretrain(folder: Path, out: Path, epochs: int = RECIPE["epochs"]) -> dict:
     np.random.seed(RECIPE["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    train_x, train_y = (torch.from_numpy(a.copy()).to(device) for a in fashion_mnist(folder, "train"))
+    train_x, train_y = (torch.from_numpy(a[:PRETRAIN_IMAGES].copy()).to(device) for a in fashion_mnist(folder, "train"))
     train_y = train_y.long()
     try:  # the test split is optional here (evaluate.py scores the saved model on it)
         test_x, test_y = (torch.from_numpy(a.copy()).to(device) for a in fashion_mnist(folder, "t10k"))
@@ -107,7 +107,7 @@ def pretrain(folder: Path, out: Path, epochs: int = RECIPE["epochs"]) -> dict:
                       do_convert_rgb=False).save_pretrained(out)
     reloaded = new_vit(10)
     reloaded.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    record = {"recipe": RECIPE | {"epochs": epochs}, "config": CONFIG, "data": "Fashion-MNIST train (60,000 images, 10 classes)",
+    record = {"recipe": RECIPE | {"epochs": epochs}, "config": CONFIG, "data": f"Fashion-MNIST train, the first {PRETRAIN_IMAGES:,} images, 10 classes",
               "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": seconds,
               "test_accuracy_fp16": None if test_x is None else accuracy(reloaded.to(device), test_x, test_y),
               "history": history,
