@@ -83,14 +83,16 @@ def first_seeds(spec: Spec) -> list:
 
 
 def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optional[Callable[[str, dict], None]] = None,
-             log: Optional[Callable[[str], None]] = print, on_start: Optional[Callable[[str, dict], None]] = None) -> dict:
+             log: Optional[Callable[[str], None]] = print, on_start: Optional[Callable[[str, dict], None]] = None,
+             done: Optional[dict] = None) -> dict:
     """Several run_quality calls on named tasks, spread over `workers` processes sharing one device.
 
     The same protocol as protocol.run_quality (select_seeds included). A job is one init,
     (label, seed), trained at each of its lrs (train_lrs). Jobs run in priority order (earlier
     specs first, a spec's extra seeds as soon as its lrs are chosen), so a run cut short by a
     time limit has finished whole specs, not slices of all. A job that fails is logged and
-    skipped.
+    skipped. Runs in `done` are not run again: they count as finished (an lr choice among them
+    stands), so a run cut short resumes where it stopped and ends as a whole run would have.
 
     Args:
         specs: what to run.
@@ -99,6 +101,8 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
         on_run: on_run(spec name, record) sees every finished run, e.g. to append it to a log file.
         log: called with one line per finished or failed run; None is silent.
         on_start: on_start(spec name, results without runs) sees each spec's task description first.
+        done: {spec name: run records already finished} (e.g. report.load_runs of earlier logs,
+            keyed by spec name); they are returned with the new runs but not passed to on_run.
 
     Returns:
         {spec.name: results (protocol.results_dict)}.
@@ -123,15 +127,34 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
         if key not in built:
             built[key] = make_task(spec.task, **spec.task_kwargs)
     task_of = {spec.name: built[_task_key(spec.task, spec.task_kwargs)] for spec in specs}
-    runs = {spec.name: [] for spec in specs}
+    runs = {spec.name: list((done or {}).get(spec.name, ())) for spec in specs}
+    logged = {(name, r["label"], r["seed"], r["lr"]) for name, rs in runs.items() for r in rs}
+
+    def todo(spec, label, seed, lrs):
+        return tuple(lr for lr in lrs if (spec.name, label, seed, lr) not in logged)
+
     if on_start:
         for spec in specs:
             on_start(spec.name, {**results_dict(task_of[spec.name], spec.steps, []), "task": spec.name})
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
-    waiting = [(i, spec, label, seed, tuple(spec.lrs)) for i, spec in enumerate(specs) for label in spec.methods
-               for seed in first_seeds(spec)]
-    left = {spec.name: len(spec.methods) * len(first_seeds(spec)) for spec in specs}
+    waiting = [(i, spec, label, seed, todo(spec, label, seed, spec.lrs)) for i, spec in enumerate(specs)
+               for label in spec.methods for seed in first_seeds(spec)]
+    waiting = [job for job in waiting if job[4]]
+    left = {spec.name: sum(job[1] is spec for job in waiting) for spec in specs}
+
+    def more_seeds(spec):  # the spec's lrs are chosen: its other seeds at each label's choice
+        hib = task_of[spec.name].higher_is_better
+        for name in spec.methods:
+            mine = [x for x in runs[spec.name] if x["label"] == name and x["seed"] in first_seeds(spec)]
+            if mine:  # none when every job of this label failed
+                best = choose_lr(mine, hib)
+                waiting.extend((specs.index(spec), spec, name, s, (best,)) for s in list(spec.seeds)[spec.select_seeds:]
+                               if todo(spec, name, s, (best,)))
+
+    for spec in specs:
+        if left[spec.name] == 0 and spec.select_seeds is not None:
+            more_seeds(spec)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
         running = {}
 
@@ -162,13 +185,7 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
                         log(run_line(spec.name, r))
                 left[spec.name] -= 1
                 if left[spec.name] == 0 and spec.select_seeds is not None:
-                    hib = task_of[spec.name].higher_is_better
-                    index = specs.index(spec)
-                    for name in spec.methods:
-                        mine = [x for x in runs[spec.name] if x["label"] == name]
-                        if mine:  # none when every job of this label failed
-                            best = choose_lr(mine, hib)
-                            waiting.extend((index, spec, name, s, (best,)) for s in list(spec.seeds)[spec.select_seeds :])
+                    more_seeds(spec)
             fill()
     return {spec.name: {**results_dict(task_of[spec.name], spec.steps, runs[spec.name]), "task": spec.name}
             for spec in specs}

@@ -8,6 +8,7 @@ and plot_* into PNG figures (matplotlib's Agg backend: no display needed).
 from __future__ import annotations
 
 import json
+import lzma
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -132,7 +133,8 @@ def table_name(spec_name: str) -> str:
 def load_runs(paths) -> dict:
     """Read run logs (run_all's runs.jsonl) into results as summarize() takes them.
 
-    Each line is {"kind": "meta"|"run", "spec": NAME, "data": ...}. Specs named TABLE+PART fold
+    Each line is {"kind": "meta"|"run", "spec": NAME, "data": ...}; a log may be xz-compressed
+    (NAME.jsonl.xz). Specs named TABLE+PART fold
     into TABLE. A run logged more than once (same table, label, seed and lr, e.g. by an earlier
     run of the plan and by a later one) counts once: the latest line wins.
 
@@ -147,7 +149,9 @@ def load_runs(paths) -> dict:
     """
     metas, runs = {}, {}
     for path in paths:
-        for line in Path(path).read_text().splitlines():
+        path = Path(path)
+        text = lzma.open(path, "rt").read() if path.suffix == ".xz" else path.read_text()
+        for line in text.splitlines():
             row = json.loads(line)
             name = table_name(row["spec"])
             if row["kind"] == "meta":

@@ -314,3 +314,32 @@ def test_run_quality_inits_once_per_seed_and_keeps_the_lr_protocol(one_thread):
     assert sorted(r["lr"] for r in seed0) == lrs and len({r["init_seconds"] for r in seed0}) == 1
     best = protocol.choose_lr(seed0, task.higher_is_better)
     assert sorted((r["seed"], r["lr"]) for r in runs if r["seed"] > 0) == [(1, best), (2, best)]
+
+
+def test_run_many_resumes_a_cut_run_to_the_same_runs():
+    from bench.quality.pool import Spec, run_many
+
+    spec = Spec(name="t", task="tiny", methods=["default", "cntlora-self"], seeds=[0, 1, 2], lrs=[1e-3, 1e-2],
+                steps=3, task_kwargs={"quick": True}, checkpoints=(2,), select_seeds=1)
+    whole = run_many([spec], workers=1, device="cpu", log=None)["t"]["runs"]
+    key = lambda r: (r["label"], r["seed"], r["lr"])  # noqa: E731
+    assert len(whole) == 2 * (2 + 2)  # 2 lrs on seed 0, then seeds 1-2 at the chosen lr
+    # cut after seed 0 of one label; cut after every lr choice and one extra seed
+    for kept in (sorted(whole, key=key)[:2], whole[:5]):
+        new = []
+        again = run_many([spec], workers=1, device="cpu", log=None, done={"t": kept},
+                         on_run=lambda name, r: new.append(r))["t"]["runs"]
+        assert sorted(map(key, new)) == sorted(set(map(key, whole)) - set(map(key, kept)))  # only what was missing
+        assert {key(r): r["test"] for r in again} == pytest.approx({key(r): r["test"] for r in whole})
+
+
+def test_load_runs_reads_an_xz_log_as_the_plain_one(tmp_path):
+    import lzma
+
+    rows = [{"kind": "meta", "spec": "t", "data": {"metric": "accuracy", "higher_is_better": True, "steps": 1}},
+            {"kind": "run", "spec": "t", "data": {"label": "default", "seed": 0, "lr": 0.1, "test": 0.5}}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "runs.jsonl").write_text(text)
+    with lzma.open(tmp_path / "runs.jsonl.xz", "wt") as f:
+        f.write(text)
+    assert report.load_runs([tmp_path / "runs.jsonl.xz"]) == report.load_runs([tmp_path / "runs.jsonl"])

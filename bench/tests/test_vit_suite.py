@@ -121,6 +121,23 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert all(p.stat().st_size > 0 for p in out)
 
 
+def test_a_cut_run_gets_no_fixed_setting_only_the_seed0_look(tmp_path):
+    # every core label has seed 0 on the 1k cells of the development half; one label also has
+    # the few-shot photos cell; nothing has seeds 1-4, so no table, rule or comparison applies
+    accs = {(label, t, False): {0: 0.5 + 0.01 * i} for i, label in enumerate(plan.CORE_LABELS) for t in plan.DEV}
+    accs[("default", "photos", True)] = {0: 0.9}
+    _log(tmp_path / "runs.jsonl", accs)
+    result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
+    assert "fixed" not in result and "primary" not in result and not result["tables"]["dev/both"]
+    look = result["seed0"]["dev"]
+    assert look["cells"] == list(plan.DEV)  # the few-shot cell is not common to every core label
+    assert list(look["labels"]) == plan.CORE_LABELS[::-1]
+    assert look["labels"]["default"]["average"] == pytest.approx(0.5)
+    assert not result["seed0"]["confirm"]["labels"]
+    assert "First look, dev half" in report.markdown(result)
+    assert [p.name for p in report.plot(result, tmp_path)] == ["seed0-dev.png"]
+
+
 def test_the_one_call_order_runs_every_label_once_per_cell_core_first():
     specs = plan.priority_specs()
     names = [s.name for s in specs]
@@ -138,3 +155,19 @@ def test_the_one_call_order_runs_every_label_once_per_cell_core_first():
     assert all(set(s.methods) == set(plan.CORE_LABELS) for s in specs[:first_sizes])
     assert [s.task_kwargs["suite"] in plan.DEV for s in specs[:first_sizes]] == [True] * 10 + [False] * 10
     assert first_sizes < first_extra and all(s.name.endswith("-more") for s in specs[first_extra:])
+
+
+def test_the_committed_pretrained_vit_loads_as_its_record_says():
+    from safetensors import safe_open
+
+    from bench.vit.model import ARTIFACT, CONFIG, load_pretrained
+
+    record = json.loads((ARTIFACT / "pretrain.json").read_text())
+    assert record["config"] == CONFIG and record["data"].startswith("Fashion-MNIST train, the first 50,000")
+    with safe_open(str(ARTIFACT / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    model = load_pretrained()
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    assert json.loads((ARTIFACT / "evaluation.json").read_text())["test_accuracy"] > 0.8
+    x = torch.rand(2, 1, 28, 28)
+    assert model(pixel_values=x).logits.shape == (2, 10)

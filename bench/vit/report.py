@@ -100,12 +100,11 @@ def analyse(acc: dict) -> dict:
     conf = out["tables"]["confirm/both"]
     # candidates: CNTLoRA labels with every run on both halves (a time limit, never a result, decides)
     ours = [label for label in dev if label.startswith("cntlora-") and label in conf]
-    if not ours:
-        return out
-    fixed = ours[0]
-    out["fixed"] = fixed
+    fixed = ours[0] if ours else None
+    if fixed:
+        out["fixed"] = fixed
     peft = [label for label in conf if label in PEFT_METHODS]
-    if fixed in conf and peft:
+    if fixed and peft:
         best = peft[0]
         confirm_cells = cells(plan.CONFIRM)
         out["primary"] = {"baseline": best, **compare(acc, fixed, best, confirm_cells)}
@@ -132,7 +131,32 @@ def analyse(acc: dict) -> dict:
             vals = [np.mean(list(acc.get(label, {}).get((t, False), {}).values()) or [np.nan]) for t in plan.TASK_ORDER]
             sizes.setdefault(mode, {})[n] = {t: float(v) for t, v in zip(plan.TASK_ORDER, vals)}
     out["sizes"] = sizes
+    out["seed0"] = {half: seed0_table(acc, tasks) for half, tasks in halves.items()}
     return out
+
+
+def seed0_table(acc: dict, tasks) -> dict:
+    """A first look while seeds 1-4 are missing: seed 0's test accuracy at its chosen lr.
+
+    Seed 0 is the lr-selection seed, so every label has it first. The cells are those of the
+    half where every core label (plan.CORE_LABELS) has seed 0; a label is listed when it has
+    them all. Not a pre-registered comparison: one seed, and its lr was chosen on the same run.
+
+    Args:
+        acc: accuracies().
+        tasks: the half's tasks.
+
+    Returns:
+        {"cells": [...], "labels": {label: {"average", "cells": {cell: accuracy}}}}, best first.
+    """
+    names = lambda cs: [f"{t}{'-fewshot' if f else ''}" for t, f in cs]  # noqa: E731
+    common = [c for c in cells(tasks) if all(0 in acc.get(label, {}).get(c, {}) for label in plan.CORE_LABELS)]
+    rows = {}
+    for label, by_cell in acc.items():
+        if common and all(0 in by_cell.get(c, {}) for c in common):
+            vals = [by_cell[c][0] for c in common]
+            rows[label] = {"average": float(np.mean(vals)), "cells": dict(zip(names(common), map(float, vals)))}
+    return {"cells": names(common), "labels": dict(sorted(rows.items(), key=lambda kv: -kv[1]["average"]))}
 
 
 def _fmt(c) -> str:
@@ -168,19 +192,32 @@ def markdown(result: dict) -> str:
             lines += [f"- {b}: {_fmt(c)}, Holm p={c['p_holm']:.3f}" for b, c in family.items()] + [""]
     for half, comps in result.get("premise", {}).items():
         lines += [f"## Premise, {half} half (both regimes)", ""] + [f"- {k}: {_fmt(c)}" for k, c in comps.items()] + [""]
+    for half, look in result.get("seed0", {}).items():
+        if not look["labels"]:
+            continue
+        lines += [f"## First look, {half} half: seed 0 only", "",
+                  "Seed 0's test accuracy at the lr its own validation accuracy chose, on the cells where every "
+                  "core label has it. One seed, not a pre-registered comparison.", "",
+                  "| method | mean | " + " | ".join(look["cells"]) + " |", "|---|---|" + "---|" * len(look["cells"])]
+        lines += [f"| {label} | {100 * row['average']:.1f} | " + " | ".join(f"{100 * v:.1f}" for v in row["cells"].values())
+                  + " |" for label, row in look["labels"].items()] + [""]
     return "\n".join(lines)
 
 
 def plot(result: dict, out: Path) -> list:
-    """suite-average.png (per method, both halves, error bars) and sample-size.png."""
+    """The plots that the runs so far allow: suite-average.png (per method, both halves, error
+    bars), seed0-dev.png (the first look) and sample-size.png (two sizes or more)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=False)
-    for ax, half in zip(axes, ("dev", "confirm")):
+    if not any(result["tables"].get(f"{half}/both") for half in ("dev", "confirm")):
+        fig = None  # no label has every run of a half yet
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=False)
+    for ax, half in zip(axes, ("dev", "confirm")) if fig else ():
         table = result["tables"].get(f"{half}/both") or {}
         labels = list(table)[::-1]
         means = [100 * table[k]["average"] for k in labels]
@@ -193,12 +230,29 @@ def plot(result: dict, out: Path) -> list:
             ax.set_xlim(min(means) - 5, max(means) + 3)
         ax.set_title(f"{half} half: suite average (both regimes)")
         ax.set_xlabel("test accuracy (%), 95% t-interval over seeds")
-    fig.tight_layout()
-    fig.savefig(out / "suite-average.png", dpi=110)
-    written.append(out / "suite-average.png")
-    plt.close(fig)
+    if fig:
+        fig.tight_layout()
+        fig.savefig(out / "suite-average.png", dpi=110)
+        written.append(out / "suite-average.png")
+        plt.close(fig)
+    look = result.get("seed0", {}).get("dev", {}).get("labels")
+    if look:
+        labels = list(look)[::-1]
+        fig, ax = plt.subplots(figsize=(7, 6))
+        ax.barh(range(len(labels)), [100 * look[k]["average"] for k in labels],
+                color=["tab:blue" if k.startswith("cntlora-") else "tab:gray" for k in labels])
+        for i, k in enumerate(labels):  # each cell's seed-0 accuracy, as dots
+            ax.plot([100 * v for v in look[k]["cells"].values()], [i] * len(look[k]["cells"]), "k.", ms=3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlim(min(100 * v for k in labels for v in look[k]["cells"].values()) - 2, 100)
+        ax.set_xlabel(f"test accuracy (%), seed 0, mean over {len(result['seed0']['dev']['cells'])} development cells (dots: cells)")
+        ax.set_title("development half, first look (one seed)")
+        fig.tight_layout()
+        fig.savefig(out / "seed0-dev.png", dpi=110)
+        written.append(out / "seed0-dev.png")
+        plt.close(fig)
     sizes = result.get("sizes", {})
-    if sizes:
+    if sizes and sum(any(np.isfinite(v) for v in by_n.values()) for by_n in next(iter(sizes.values())).values()) >= 2:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for mode, by_n in sizes.items():
             ns = sorted(by_n)

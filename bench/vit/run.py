@@ -3,6 +3,7 @@
     python -m bench.vit.run dev --out OUT [--workers 15]
     python -m bench.vit.run confirm --out OUT --labels LABEL ...   # the rule's labels (PREREGISTRATION.md)
     python -m bench.vit.run both --out OUT             # both halves in one call, most needed first (plan.priority_specs)
+    python -m bench.vit.run both --out OUT --resume bench/results/vit/runs.jsonl   # only what is not logged yet
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..quality.pool import RunLog, run_many
+from ..quality.report import load_runs
 from . import plan
 
 
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", default=None, help="a subset of the half's tasks")
     parser.add_argument("--regimes", nargs="+", choices=("1k", "fewshot"), default=("1k", "fewshot"))
     parser.add_argument("--sizes", action="store_true", help="add the true-sample size sweep (1k regime)")
+    parser.add_argument("--resume", nargs="+", type=Path, default=(), metavar="RUNS_JSONL",
+                        help="earlier logs: their runs are not run again, and their lr choices stand")
     args = parser.parse_args(argv)
     tasks = args.tasks or (plan.DEV if args.half == "dev" else plan.CONFIRM)
     labels = args.labels or plan.DEV_LABELS
@@ -33,6 +37,10 @@ def main(argv=None) -> int:
         tasks, labels = plan.TASK_ORDER, plan.DEV_LABELS
     else:
         specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
+    missing = [str(p) for p in args.resume if not p.is_file()]
+    if missing:
+        parser.error(f"--resume: no such log {', '.join(missing)}")
+    done = {name: results["runs"] for name, results in load_runs(args.resume).items()} if args.resume else None
     args.out.mkdir(parents=True, exist_ok=True)
     log = RunLog(args.out / "runs.jsonl")
     t0 = time.perf_counter()
@@ -44,7 +52,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t0:6.0f}s #{n}] {text}", flush=True)
 
     try:
-        run_many(specs, workers=args.workers, on_run=log.on_run, on_start=log.on_start, log=line)
+        run_many(specs, workers=args.workers, on_run=log.on_run, on_start=log.on_start, log=line, done=done)
     finally:
         log.close()
     (args.out / "run.json").write_text(json.dumps({"half": args.half, "tasks": list(tasks), "labels": labels,
