@@ -3,7 +3,7 @@
     python -m bench.vit.run dev --out OUT [--workers 15]
     python -m bench.vit.run confirm --out OUT --labels LABEL ...   # the rule's labels (PREREGISTRATION.md)
     python -m bench.vit.run both --out OUT             # both halves in one call, most needed first (plan.priority_specs)
-    python -m bench.vit.run both --out OUT --resume bench/results/vit/runs.jsonl   # only what is not logged yet
+    python -m bench.vit.run both --out OUT --resume bench/results/vit/runs*.jsonl.xz   # only what no log holds
 """
 
 from __future__ import annotations
