@@ -351,6 +351,12 @@ def tiny_task(quick=False, train_size=None) -> Task:
     )
 
 
+def _vit_task(**kwargs) -> Task:
+    from ..vit.tasks import vit_task
+
+    return vit_task(**kwargs)
+
+
 TASKS = {
     "vision": lambda **kw: vision_task(**{"train_size": TRAIN_SIZE, **kw}),
     "vision-fewshot": lambda **kw: vision_task(**{"train_size": FEWSHOT_SIZE, **kw}),
@@ -359,14 +365,8 @@ TASKS = {
     "lm": lambda **kw: lm_task(**{"train_size": TRAIN_SIZE, **kw}),
     "lm-fewshot": lambda **kw: lm_task(**{"train_size": FEWSHOT_SIZE, **kw}),
     "tiny": tiny_task,
-    "vit": lambda **kw: _vit_task(**kw),
+    "vit": _vit_task,
 }
-
-
-def _vit_task(**kwargs) -> Task:
-    from ..vit.tasks import vit_task
-
-    return vit_task(**kwargs)
 
 
 def make_task(name: str, **kwargs) -> Task:

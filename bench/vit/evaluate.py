@@ -13,14 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .model import ARTIFACT, load_pretrained, pixels
+from .model import ARTIFACT, load_pretrained
+from .pretrain import predict
 from .suite import fashion_mnist
 
 
-@torch.no_grad()
 def evaluate(folder: Path, model_dir: Path = ARTIFACT, batch: int = 1000) -> dict:
     """Top-1 accuracy of the saved model on the test split.
 
@@ -37,9 +36,7 @@ def evaluate(folder: Path, model_dir: Path = ARTIFACT, batch: int = 1000) -> dic
     """
     model = load_pretrained(model_dir)
     x, y = fashion_mnist(folder, "t10k")
-    pred = np.concatenate([model(pixel_values=pixels(torch.from_numpy(x[i:i + batch].copy()))).logits.argmax(-1).numpy()
-                           for i in range(0, len(x), batch)])
-    right = pred == y
+    right = predict(model, torch.from_numpy(x.copy()), batch).numpy() == y
     return {"test_accuracy": float(right.mean()), "n": int(len(y)),
             "per_class": {int(c): float(right[y == c].mean()) for c in range(10)}}
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..quality.baselines import PEFT_METHODS
 from ..quality.protocol import choose_lr
 from ..quality.report import load_runs
-from ..quality.stats import holm, paired_difference
+from ..quality.stats import holm, mean_std, paired_difference, t_quantile
 from . import plan
 
 BOOTSTRAP = 10_000
@@ -82,9 +82,9 @@ def suite_table(acc, tasks, cell_list) -> dict:
         m = matrix(acc, label, cell_list)
         if m is None:
             continue
-        per_seed = m.mean(0)
-        half = 2.776 * per_seed.std(ddof=1) / math.sqrt(len(per_seed))  # t(0.975, 4)
-        table[label] = {"average": float(per_seed.mean()), "t95": [float(per_seed.mean() - half), float(per_seed.mean() + half)],
+        mean, std = mean_std(m.mean(0).tolist())  # over the per-seed suite averages
+        half = t_quantile(0.975, m.shape[1] - 1) * std / math.sqrt(m.shape[1])
+        table[label] = {"average": mean, "t95": [mean - half, mean + half],
                         "cells": {f"{t}{'-fewshot' if f else ''}": float(m[i].mean()) for i, (t, f) in enumerate(cell_list)}}
     return dict(sorted(table.items(), key=lambda kv: -kv[1]["average"]))
 
