@@ -32,7 +32,7 @@ DEV_LABELS = PEFT_METHODS + PREMISE + [
     "cntlora-self-vas@a_row_norm=1",  # the setting recommended on the MobileNetV2 few-shot table
 ]
 SIZES = (64, 256, 1024)  # smaller true samples, for the accuracy-against-sample-size plot
-# the order of one device call that runs both halves (PREREGISTRATION.md, "One call"): the PEFT inits
+# the order of a run of both halves together (PREREGISTRATION.md, "One call for both halves"): the PEFT inits
 # and the premise's labels first, on both halves, then the size sweep, then the rest
 CORE_LABELS = PEFT_METHODS + PREMISE
 EXTRA_LABELS = [label for label in DEV_LABELS if label not in CORE_LABELS]

@@ -205,7 +205,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, out: Path) -> list:
-    """The plots that the runs so far allow: suite-average.png (per method, both halves, error
+    """The plots that the logged runs allow: suite-average.png (per method, both halves, error
     bars), seed0-dev.png (the first look) and sample-size.png (two sizes or more)."""
     import matplotlib
 
