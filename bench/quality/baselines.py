@@ -90,6 +90,7 @@ def peft_init(
     calibration_batches: list,
     forward_fn: Optional[Callable] = None,
     loss_fn: Optional[Callable] = None,
+    corda_device=None,
 ):
     """Wrap `model` (in place) with PEFT's LoRA initialized by `method`; returns a peft.PeftModel.
 
@@ -97,7 +98,11 @@ def peft_init(
     (target_modules, r, lora_alpha, modules_to_save, ...). calibration_batches: what the
     data-driven inits see (EVA, CorDA, LoRA-GA). forward_fn(model, batch) runs one batch
     (default: model(**batch) for dicts, model(batch[0]) for tuples); loss_fn(model, batch)
-    returns a scalar loss, which LoRA-GA needs for its gradient estimate.
+    returns a scalar loss, which LoRA-GA needs for its gradient estimate. corda_device: where
+    CorDA's calibration runs (default: the model's device); the PeftModel returns to the
+    model's device. CorDA's hook synchronizes the device several times per example and layer,
+    which on a GPU shared by many worker processes costs far more than the CPU's arithmetic
+    for a small model.
     """
     from peft import get_peft_model
 
@@ -115,6 +120,9 @@ def peft_init(
         from peft.tuners.lora.corda import preprocess_corda
 
         cfg = _lora_config(lora_kwargs, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
+        if corda_device is not None and torch.device(corda_device) != device:
+            model.to(corda_device)
+            batches = [to_device(b, torch.device(corda_device)) for b in calibration_batches]
 
         @torch.no_grad()
         def run_model():
@@ -127,7 +135,7 @@ def peft_init(
             model.train(was_training)
 
         preprocess_corda(model, cfg, run_model=run_model)
-        return get_peft_model(model, cfg)
+        return get_peft_model(model, cfg).to(device)
     if method == "lora_ga":
         from peft.tuners.lora.config import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
@@ -241,11 +249,11 @@ def cntlora_init(
 
 
 def init_method(method, model, lora_kwargs, calibration_batches, forward_fn=None, loss_fn=None, overrides=None, seed=0,
-                reference_batches=None):
-    """Dispatch to peft_init or cntlora_init by name (see METHODS)."""
+                reference_batches=None, corda_device=None):
+    """Dispatch to peft_init or cntlora_init by name (see METHODS); corda_device as in peft_init."""
     if method.startswith("cntlora-"):
         return cntlora_init(method, model, lora_kwargs, calibration_batches, forward_fn, loss_fn, overrides, seed,
                             reference_batches)
     if overrides:
         raise CNTLoRAError(f"overrides are CNTLoRA settings; {method!r} takes none")
-    return peft_init(method, model, copy.deepcopy(lora_kwargs), calibration_batches, forward_fn, loss_fn)
+    return peft_init(method, model, copy.deepcopy(lora_kwargs), calibration_batches, forward_fn, loss_fn, corda_device)

@@ -80,7 +80,8 @@ def init_model(task: Task, label: str, seed: int, device) -> tuple[nn.Module, fl
     _sync(device)
     t0 = time.perf_counter()
     model = init_method(method, model, lora_kwargs, calibration, forward_fn=task.forward_fn, loss_fn=task.loss_fn,
-                        overrides=overrides, seed=seed, reference_batches=reference)
+                        overrides=overrides, seed=seed, reference_batches=reference,
+                        corda_device=task.corda_device)
     _sync(device)
     return model.to(device), time.perf_counter() - t0
 

@@ -33,6 +33,7 @@ class Task:
     the same for every method and seed).
     reference_batches: ready batches of pre-training-like data (what collate returns), the
     reference set of labels with @pretrain_source=reference; empty when the task has none.
+    corda_device: where CorDA's calibration runs (baselines.peft_init); None is the model's device.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Task:
     forward_fn: Optional[Callable] = None
     freeze_batchnorm: bool = True
     reference_batches: Sequence = ()
+    corda_device: Optional[str] = None
 
     def batches(self, examples: Sequence, batch_size: int) -> list:
         """`examples` collated in consecutive batches of `batch_size` (the last may be smaller)."""

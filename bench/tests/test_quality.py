@@ -304,6 +304,24 @@ def test_shared_init_gives_the_runs_of_separate_inits(label, one_thread):
     assert shared[0]["init_seconds"] == shared[1]["init_seconds"]  # the one init's time on every lr's record
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_corda_calibrated_on_the_cpu_gives_the_same_adapter_on_the_models_device(device, one_thread):
+    import dataclasses
+
+    task = make_task("tiny")
+    here, _ = protocol.init_model(task, "corda", 0, torch.device(device))
+    moved, _ = protocol.init_model(dataclasses.replace(task, corda_device="cpu"), "corda", 0, torch.device(device))
+    a, b = here.state_dict(), moved.state_dict()
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for k in a:
+        assert b[k].device.type == device
+        # a GPU's eigh may flip an eigenvector's sign, which flips a row of A and a column of B together
+        if "lora_A" in k or "lora_B" in k:
+            torch.testing.assert_close(b[k].abs(), a[k].abs(), rtol=1e-3, atol=1e-4)
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
 def test_run_quality_inits_once_per_seed_and_keeps_the_lr_protocol(one_thread):
     task = make_task("tiny")
     lrs = [1e-3, 1e-2]

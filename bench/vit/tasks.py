@@ -113,4 +113,5 @@ def vit_task(suite: str, fewshot: bool = False, quick: bool = False, model=None,
         lora_kwargs={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "modules_to_save": ["classifier"]},
         batch_size=8 if quick else BATCH[fewshot], eval_batch_size=500,
         calibration_size=8 if quick else CALIBRATION[fewshot], reference_batches=reference,
+        corda_device="cpu",  # CorDA's per-example device syncs crawl on a GPU shared by 15 workers
     )
