@@ -108,7 +108,9 @@ def peft_init(
 
     forward_fn = forward_fn or default_forward
     device = _device(model)
-    batches = [to_device(b, device) for b in calibration_batches]
+    # where the calibration runs: the model's device, or corda_device for CorDA
+    calibration_device = torch.device(corda_device) if method == "corda" and corda_device is not None else device
+    batches = [to_device(b, calibration_device) for b in calibration_batches]
     if method in _DATA_FREE:
         return get_peft_model(model, _lora_config(lora_kwargs, init_lora_weights=_DATA_FREE[method]))
     if not batches and method in ("eva", "corda", "lora_ga"):
@@ -120,9 +122,7 @@ def peft_init(
         from peft.tuners.lora.corda import preprocess_corda
 
         cfg = _lora_config(lora_kwargs, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
-        if corda_device is not None and torch.device(corda_device) != device:
-            model.to(corda_device)
-            batches = [to_device(b, torch.device(corda_device)) for b in calibration_batches]
+        model.to(calibration_device)
 
         @torch.no_grad()
         def run_model():
