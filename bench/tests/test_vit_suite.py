@@ -48,6 +48,42 @@ def test_split_covers_every_group_and_every_task():
         assert any(t in plan.DEV for t in names) and any(t in plan.CONFIRM for t in names)
 
 
+def _write_idx(folder, name, array, magic):
+    import gzip
+
+    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
+    with gzip.open(folder / f"{name}.gz", "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_the_packed_files_build_the_same_suite(tmp_path, monkeypatch):
+    for name, value in (("N_TRAIN", 20), ("N_VAL", 5), ("N_TEST", 10), ("PRETRAIN_IMAGES", 50),
+                        ("REFERENCE_SIZE", 8)):
+        monkeypatch.setattr(suite, name, value)
+    full = tmp_path / "full"
+    full.mkdir()
+    rng = np.random.default_rng(1)
+    train_x = rng.integers(1, 256, (60, 28, 28), dtype=np.uint8)  # no zero image, so a zeroed one shows
+    _write_idx(full, "train-images-idx3-ubyte", train_x, 2051)
+    _write_idx(full, "train-labels-idx1-ubyte", rng.integers(0, 10, 60), 2049)
+    test_x, test_y = _fm_test(40)
+    _write_idx(full, "t10k-images-idx3-ubyte", test_x, 2051)
+    _write_idx(full, "t10k-labels-idx1-ubyte", test_y, 2049)
+
+    packed = suite.pack(full, tmp_path / "packed")
+    kept = suite.fashion_mnist(packed, "train")[0]
+    assert kept.shape == (50, 28, 28)
+    nonzero = np.flatnonzero(kept.reshape(50, -1).any(1))
+    assert sorted(nonzero) == sorted(suite.reference_indices())
+    a = suite.build_suite(full, tmp_path / "a.npz", tasks=("rotation",))
+    b = suite.build_suite(packed, tmp_path / "b.npz", tasks=("rotation",))
+    assert suite.digest(a) == suite.digest(b)
+    assert set(suite.digest(a)) == {"reference_x"} | {f"rotation/{k}" for k in
+                                                      ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    with np.load(b) as z:
+        np.testing.assert_array_equal(z["reference_x"], train_x[suite.reference_indices()])
+
+
 @pytest.fixture
 def tiny_suite(tmp_path):
     rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ and their test crops from disjoint rows of each source image.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import lzma
 from pathlib import Path
 
@@ -283,7 +284,7 @@ def build_suite(fashion_folder: Path, out: Path, tasks=TASK_NAMES) -> Path:
     """
     fm_test = fashion_mnist(fashion_folder, "t10k")
     train_x = fashion_mnist(fashion_folder, "train")[0][:PRETRAIN_IMAGES]
-    arrays = {"reference_x": train_x[np.random.default_rng(0).permutation(len(train_x))[:REFERENCE_SIZE]]}
+    arrays = {"reference_x": train_x[reference_indices(len(train_x))]}
     for task in tasks:
         for key, value in make_task_arrays(task, fm_test, seed=100 + TASK_NAMES.index(task)).items():
             arrays[f"{task}/{key}"] = value
@@ -295,12 +296,60 @@ def build_suite(fashion_folder: Path, out: Path, tasks=TASK_NAMES) -> Path:
     return out
 
 
+def reference_indices(n_train: int | None = None) -> np.ndarray:
+    """The indices, among the first `n_train` (default PRETRAIN_IMAGES) training images, of the pre-training sample."""
+    return np.random.default_rng(0).permutation(n_train or PRETRAIN_IMAGES)[:REFERENCE_SIZE]
+
+
+def pack(fashion_folder: Path, dest: Path) -> Path:
+    """Write the Fashion-MNIST files `build_suite` reads, small enough to travel (about 5.4 MB).
+
+    The suite reads every test image but only the 4,096 training images of the pre-training
+    sample; every other training image is written as zeros, which xz stores in almost nothing.
+    `build_suite(dest, ...)` then gives the same arrays as `build_suite(fashion_folder, ...)`.
+
+    Args:
+        fashion_folder: Fashion-MNIST's IDX files (.gz or .xz).
+        dest: the folder to write (created; the four IDX files as .xz).
+
+    Returns:
+        dest.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    images, labels = fashion_mnist(fashion_folder, "train")
+    keep = np.zeros_like(images[:PRETRAIN_IMAGES])
+    idx = reference_indices()
+    keep[idx] = images[idx]
+    test_x, test_y = fashion_mnist(fashion_folder, "t10k")
+    for name, array, magic in (("train-images-idx3-ubyte", keep, 2051), ("train-labels-idx1-ubyte", labels, 2049),
+                               ("t10k-images-idx3-ubyte", test_x, 2051), ("t10k-labels-idx1-ubyte", test_y, 2049)):
+        header = np.array([magic, *array.shape], dtype=">u4").tobytes()
+        tmp = dest / f"{name}.xz.tmp"
+        tmp.write_bytes(lzma.compress(header + np.ascontiguousarray(array).tobytes(), preset=9))
+        tmp.replace(dest / f"{name}.xz")
+    return dest
+
+
+def digest(path: Path) -> dict:
+    """The sha256 of each array's bytes in a suite file (a .npz's own hash changes with its zip timestamps)."""
+    with np.load(path) as z:
+        return {k: hashlib.sha256(np.ascontiguousarray(z[k]).tobytes()).hexdigest() for k in sorted(z.files)}
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the ViT transfer suite's arrays (needs scikit-learn, "
                                                  "scikit-image and Fashion-MNIST's files).")
     parser.add_argument("fashion_folder", type=Path)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, help="the suite's .npz; with --pack, the folder to write")
+    parser.add_argument("--pack", action="store_true", help="write the small copy of the files the build reads")
+    parser.add_argument("--digest", type=Path, help="write each array's sha256 to this file after the build")
     args = parser.parse_args()
-    print(build_suite(args.fashion_folder, args.out))
+    if args.pack:
+        print(pack(args.fashion_folder, args.out))
+    else:
+        print(build_suite(args.fashion_folder, args.out))
+        if args.digest:
+            args.digest.write_text("".join(f"{v}  {k}\n" for k, v in digest(args.out).items()))
