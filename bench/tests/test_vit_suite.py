@@ -207,3 +207,20 @@ def test_the_committed_pretrained_vit_loads_as_its_record_says():
     assert json.loads((ARTIFACT / "evaluation.json").read_text())["test_accuracy"] > 0.8
     x = torch.rand(2, 1, 28, 28)
     assert model(pixel_values=x).logits.shape == (2, 10)
+
+
+def test_excess_is_one_without_shift_and_finds_an_over_represented_direction():
+    from bench.vit.shift import excess
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 0.5, 0.5])
+    pre = x.T @ x / len(x)
+    assert excess(pre, pre, top=1, ridge=0.0) == pytest.approx(1.0)
+    assert excess(2.5 * pre, pre, top=6, ridge=0.0) == pytest.approx(1.0)  # the scale does not count
+    # fine-tuning doubles one direction's energy; brute force: the largest eigenvalue of C_p^-1 C_f
+    v = torch.tensor([0.0, 0, 0, 0, 1, 0], dtype=torch.float64)
+    fine = pre + pre[4, 4] * torch.outer(v, v)
+    fine_n, pre_n = fine / fine.trace(), pre / pre.trace()
+    brute = torch.linalg.eigvals(torch.linalg.solve(pre_n, fine_n)).real.max()
+    assert excess(fine, pre, top=1, ridge=0.0) == pytest.approx(float(brute), rel=1e-9)
+    assert excess(fine, pre, top=1, ridge=0.0) > 1.5
