@@ -61,7 +61,7 @@ def _batches(images: np.ndarray) -> list:
     return [{"pixel_values": pixels(x[i:i + REFERENCE_BATCH])} for i in range(0, len(x), REFERENCE_BATCH)]
 
 
-def _seconds(model, images: np.ndarray, names: list) -> dict:
+def _second_moments(model, images: np.ndarray, names: list) -> dict:
     stats = collect_statistics(model, _batches(images), names, progress=False)
     return {name: stats.moments(name).second for name in names}
 
@@ -83,12 +83,12 @@ def measure(path: Path | None = None, calibration: int = CALIBRATION[False]) -> 
     suffixes = tuple("." + s for s in INPUTS.values())
     names = [n for n, _ in model.named_modules() if n.endswith(suffixes)]
     ref = z["reference_x"]
-    pre = _seconds(model, ref, names)
-    sets = {CONTROL: (ref[-calibration:], _seconds(model, ref[:-calibration], names))}
+    pre = _second_moments(model, ref, names)
+    sets = {CONTROL: (ref[-calibration:], _second_moments(model, ref[:-calibration], names))}
     sets.update({task: (z[f"{task}/train_x"][:calibration], pre) for task in TASK_NAMES})
     out = {}
     for task, (images, pre_of) in tqdm(sets.items(), desc="shift", unit="task"):
-        fine = _seconds(model, images, names)
+        fine = _second_moments(model, images, names)
         per_kind = {kind: [] for kind in INPUTS}
         for name in names:
             kind = next(k for k, suffix in INPUTS.items() if name.endswith(suffix))
@@ -135,7 +135,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--suite", type=Path, default=None, help="the suite's .npz (default: .vit_suite/suite.npz)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     results = measure(args.suite)
     write(results, args.out)
     print((args.out / "shift.md").read_text())
