@@ -224,3 +224,21 @@ def test_excess_is_one_without_shift_and_finds_an_over_represented_direction():
     brute = torch.linalg.eigvals(torch.linalg.solve(pre_n, fine_n)).real.max()
     assert excess(fine, pre, top=1, ridge=0.0) == pytest.approx(float(brute), rel=1e-9)
     assert excess(fine, pre, top=1, ridge=0.0) > 1.5
+
+
+def test_complete_cells_get_a_five_seed_table_and_paired_premise(tmp_path):
+    # every core label has 5 seeds on photos (1k); on digits (1k) one label lacks seed 4, so only photos counts
+    accs = {(label, "photos", False): {s: 0.5 + 0.01 * i + 0.001 * s for s in plan.SEEDS}
+            for i, label in enumerate(plan.CORE_LABELS)}
+    accs.update({(label, "digits", False): {s: 0.7 for s in plan.SEEDS} for label in plan.CORE_LABELS})
+    accs[(plan.CORE_LABELS[0], "digits", False)] = {s: 0.7 for s in range(4)}
+    _log(tmp_path / "runs.jsonl", accs)
+    result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
+    assert list(result["complete"]) == ["dev"]
+    table = result["complete"]["dev"]["table"]
+    assert list(table) == plan.CORE_LABELS[::-1]
+    assert all(list(row["cells"]) == ["photos"] for row in table.values())
+    assert table["default"]["average"] == pytest.approx(0.5 + 0.01 * plan.CORE_LABELS.index("default") + 0.002)
+    gap = plan.CORE_LABELS.index(f"cntlora-cross@{plan.REF}") - plan.CORE_LABELS.index("cntlora-self")
+    assert result["complete"]["dev"]["premise"]["cross(true) - self"]["mean"] == pytest.approx(0.01 * gap)
+    assert "Complete cells, dev half" in report.markdown(result)

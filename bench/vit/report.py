@@ -132,6 +132,12 @@ def analyse(acc: dict) -> dict:
             sizes.setdefault(mode, {})[n] = {t: float(v) for t, v in zip(plan.TASK_ORDER, vals)}
     out["sizes"] = sizes
     out["seed0"] = {half: seed0_table(acc, tasks) for half, tasks in halves.items()}
+    out["complete"] = {}
+    for half, tasks in halves.items():  # a look while a half is incomplete: the cells every core label has
+        common = [c for c in cells(tasks) if all(matrix(acc, label, [c]) is not None for label in plan.CORE_LABELS)]
+        if common:
+            out["complete"][half] = {"table": suite_table(acc, tasks, common),
+                                     "premise": {name: compare(acc, a, b, common) for name, (a, b) in pairs.items()}}
     return out
 
 
@@ -192,6 +198,17 @@ def markdown(result: dict) -> str:
             lines += [f"- {b}: {_fmt(c)}, Holm p={c['p_holm']:.3f}" for b, c in family.items()] + [""]
     for half, comps in result.get("premise", {}).items():
         lines += [f"## Premise, {half} half (both regimes)", ""] + [f"- {k}: {_fmt(c)}" for k, c in comps.items()] + [""]
+    for half, look in result.get("complete", {}).items():
+        table = look["table"]
+        cols = list(next(iter(table.values()))["cells"])
+        lines += [f"## Complete cells, {half} half: 5 seeds", "",
+                  "The cells where every core label has all 5 seeds, while the half is incomplete. Not a "
+                  "pre-registered comparison.", "", "| method | average | " + " | ".join(cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        lines += [f"| {label} | {100 * row['average']:.2f} [{100 * row['t95'][0]:.2f}, {100 * row['t95'][1]:.2f}] | "
+                  + " | ".join(f"{100 * v:.1f}" for v in row["cells"].values()) + " |" for label, row in table.items()]
+        lines += ["", "Premise on these cells (paired):", ""] + [f"- {k}: {_fmt(c)}" for k, c in look["premise"].items()]
+        lines.append("")
     for half, look in result.get("seed0", {}).items():
         if not look["labels"]:
             continue
