@@ -157,21 +157,70 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert all(p.stat().st_size > 0 for p in out)
 
 
-def test_a_cut_run_gets_no_fixed_setting_only_the_seed0_look(tmp_path):
-    # every core label has seed 0 on the 1k cells of the development half; one label also has
-    # the few-shot photos cell; nothing has seeds 1-4, so no table, rule or comparison applies
+def test_a_cut_run_gets_no_fixed_setting_and_names_what_did_not_finish(tmp_path):
+    # every core label has seed 0 on the 1k cells of the development half; nothing has seeds 1-4,
+    # so no table, rule or comparison applies, and every label is listed with what it holds
     accs = {(label, t, False): {0: 0.5 + 0.01 * i} for i, label in enumerate(plan.CORE_LABELS) for t in plan.DEV}
-    accs[("default", "photos", True)] = {0: 0.9}
     _log(tmp_path / "runs.jsonl", accs)
     result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
     assert "fixed" not in result and "primary" not in result and not result["tables"]["dev/both"]
-    look = result["seed0"]["dev"]
-    assert look["cells"] == list(plan.DEV)  # the few-shot cell is not common to every core label
-    assert list(look["labels"]) == plan.CORE_LABELS[::-1]
-    assert look["labels"]["default"]["average"] == pytest.approx(0.5)
-    assert not result["seed0"]["confirm"]["labels"]
-    assert "First look, dev half" in report.markdown(result)
-    assert [p.name for p in report.plot(result, tmp_path)] == ["seed0-dev.png"]
+    missing = result["incomplete"]["dev"]
+    assert set(missing) == set(plan.DEV_LABELS)
+    assert missing["default"] == [5, 50] and missing["cntlora-self-vas"] == [0, 50]
+    assert result["structure"] == {"dev": None, "confirm": None}
+    assert "Not complete on the dev half" in report.markdown(result)
+    assert report.plot(result, tmp_path) == []
+
+
+def test_structure_separates_the_method_from_the_method_on_a_cell(tmp_path):
+    # additive: label i adds 0.01 i everywhere, each cell its own level, seeds ±0.002; no interaction
+    labels = plan.PEFT_METHODS[:4]
+    level = {c: 0.05 * k for k, c in enumerate(report.cells(plan.DEV))}
+    wiggle = [-0.002, -0.001, 0.0, 0.001, 0.002]
+    accs = {(label, t, f): {s: 0.5 + 0.01 * i + level[(t, f)] + wiggle[s] for s in plan.SEEDS}
+            for i, label in enumerate(labels) for (t, f) in level}
+    _log(tmp_path / "runs.jsonl", accs)
+    st = report.structure(report.accuracies([tmp_path / "runs.jsonl"]), plan.DEV)
+    assert st["labels"] == 4 and st["cells"] == 10
+    assert st["method_sd"] == pytest.approx(float(np.std([0, 0.01, 0.02, 0.03], ddof=1)))
+    assert st["interaction_sd"] == pytest.approx(0.0, abs=1e-9)
+    assert st["cell_noise_sd"] == pytest.approx(float(np.sqrt(np.var(wiggle, ddof=1) / 5)))
+    # one label gains on one cell only: an interaction, seen beyond the noise
+    accs[(labels[0], "photos", False)] = {s: v + 0.05 for s, v in accs[(labels[0], "photos", False)].items()}
+    _log(tmp_path / "runs.jsonl", accs)
+    st = report.structure(report.accuracies([tmp_path / "runs.jsonl"]), plan.DEV)
+    # brute force: the bumped cell's residuals sum to 0.05² (1 - 1/4)(1 - 1/10) over (4 - 1)(10 - 1) degrees of freedom
+    inter2 = 0.05 ** 2 * 0.75 * 0.9 / 27
+    assert st["interaction_sd"] == pytest.approx(np.sqrt(inter2))
+    assert st["interaction_sd_beyond_noise"] == pytest.approx(np.sqrt(inter2 - np.var(wiggle, ddof=1) / 5))
+
+
+def test_premise_per_task_ranks_against_the_shift_and_the_size_sweep_uses_the_confirmation_cells(tmp_path):
+    excess = {t: float(k) for k, t in enumerate(plan.TASK_ORDER)}
+    ref = plan.REF
+    accs = {}
+    for t in plan.TASK_ORDER:
+        for f in (False, True):
+            accs[("cntlora-self", t, f)] = {s: 0.6 for s in plan.SEEDS}
+            accs[(f"cntlora-cross@{ref}", t, f)] = {s: 0.6 + 0.001 * excess[t] for s in plan.SEEDS}
+            accs[(f"cntlora-shift@{ref}", t, f)] = {s: 0.6 - 0.001 * excess[t] for s in plan.SEEDS}
+    for t in plan.CONFIRM:
+        accs[(f"cntlora-cross@{ref},ref=64", t, False)] = {s: 0.5 for s in plan.SEEDS}
+    _log(tmp_path / "runs.jsonl", accs)
+    result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]), excess)
+    by_task = result["premise_by_task"]
+    assert set(by_task) == {"cross(true) - self", "shift(true) - self"}  # the proxies did not run
+    assert by_task["cross(true) - self"]["spearman"] == pytest.approx(1.0)
+    assert by_task["shift(true) - self"]["spearman"] == pytest.approx(-1.0)
+    assert by_task["cross(true) - self"]["tasks"]["size"] == pytest.approx(0.001 * excess["size"])
+    sizes = result["sizes"]
+    assert sizes["cross"][64]["average"] == pytest.approx(0.5)
+    mean_confirm = np.mean([0.6 + 0.001 * excess[t] for t in plan.CONFIRM])
+    assert sizes["cross"][4096]["average"] == pytest.approx(mean_confirm)  # the same cells as the sweep
+    assert sizes["shift"][64] is None and sizes["others"]["cntlora-self"]["average"] == pytest.approx(0.6)
+    text = report.markdown(result)
+    assert "Premise per task" in text and "True-sample size" in text
+    assert {p.name for p in report.plot(result, tmp_path)} == {"suite-average.png", "sample-size.png", "premise-shift.png"}
 
 
 def test_the_one_call_order_runs_every_label_once_per_cell_core_first():

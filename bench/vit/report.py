@@ -1,6 +1,6 @@
-"""The ViT suite's report: suite averages, the pre-registered comparisons, and two plots.
+"""The ViT suite's report: suite averages, the pre-registered comparisons, and what moved the numbers.
 
-    python -m bench.vit.report RUNS.jsonl [RUNS.jsonl ...] --out bench/results/vit
+    python -m bench.vit.report RUNS.jsonl [RUNS.jsonl ...] --out bench/results/vit [--shift bench/results/vit/shift.json]
 
 Every (label, task, regime) keeps the runs at its lr chosen on seed 0's validation accuracy
 (protocol.choose_lr). A suite average is the mean test accuracy over a half's tasks, both
@@ -22,8 +22,17 @@ from ..quality.protocol import choose_lr
 from ..quality.report import load_runs
 from ..quality.stats import holm, mean_std, paired_difference, t_quantile
 from . import plan
+from .figures import plot
+from .shift import overall as shift_overall
 
 BOOTSTRAP = 10_000
+REF_IMAGES = 4096  # the full true sample (suite.REFERENCE_IMAGES)
+PAIRS = {"cross(true) - self": (f"cntlora-cross@{plan.REF}", "cntlora-self"),
+         "shift(true) - self": (f"cntlora-shift@{plan.REF}", "cntlora-self"),
+         "cross: true - weight proxy": (f"cntlora-cross@{plan.REF}", "cntlora-cross@pretrain_source=weights"),
+         "shift: true - weight proxy": (f"cntlora-shift@{plan.REF}", "cntlora-shift@pretrain_source=weights"),
+         "cross: true - isotropic": (f"cntlora-cross@{plan.REF}", "cntlora-cross@pretrain_source=isotropic"),
+         "shift: true - isotropic": (f"cntlora-shift@{plan.REF}", "cntlora-shift@pretrain_source=isotropic")}
 
 
 def accuracies(paths) -> dict:
@@ -75,6 +84,13 @@ def compare(acc, a: str, b: str, cell_list) -> dict | None:
     return {"mean": float(diff.mean()), "bootstrap95": bootstrap(diff), "t95": t["ci95"], "p": t["p"]}
 
 
+def summary(m: np.ndarray) -> dict:
+    """The mean of a cells × seeds matrix and a 95% t-interval over its per-seed averages."""
+    mean, std = mean_std(m.mean(0).tolist())
+    half = t_quantile(0.975, m.shape[1] - 1) * std / math.sqrt(m.shape[1])
+    return {"average": mean, "t95": [mean - half, mean + half]}
+
+
 def suite_table(acc, tasks, cell_list) -> dict:
     """{label: {"average", "t95", per-cell means}} for labels that have every cell."""
     table = {}
@@ -82,15 +98,97 @@ def suite_table(acc, tasks, cell_list) -> dict:
         m = matrix(acc, label, cell_list)
         if m is None:
             continue
-        mean, std = mean_std(m.mean(0).tolist())  # over the per-seed suite averages
-        half = t_quantile(0.975, m.shape[1] - 1) * std / math.sqrt(m.shape[1])
-        table[label] = {"average": mean, "t95": [mean - half, mean + half],
+        table[label] = {**summary(m),
                         "cells": {f"{t}{'-fewshot' if f else ''}": float(m[i].mean()) for i, (t, f) in enumerate(cell_list)}}
     return dict(sorted(table.items(), key=lambda kv: -kv[1]["average"]))
 
 
-def analyse(acc: dict) -> dict:
-    """Everything PREREGISTRATION.md names, from the accuracies."""
+def incomplete(acc, tasks) -> dict:
+    """{label: [scores held, scores planned]} for the plan's labels that miss a cell or seed on these tasks."""
+    planned = len(cells(tasks)) * len(plan.SEEDS)
+    held = {label: sum(len(set(acc.get(label, {}).get(c, {})) & set(plan.SEEDS)) for c in cells(tasks))
+            for label in plan.DEV_LABELS}
+    return {label: [n, planned] for label, n in held.items() if n < planned}
+
+
+def structure(acc, tasks) -> dict | None:
+    """How far the method moves a half's numbers, and how far the method on one cell does.
+
+    A two-way decomposition of the labels × cells matrix of 5-seed means (labels complete on
+    the half): the spread of the methods' main effects (their suite averages), the spread of
+    the method × cell interaction, and the seed noise of one 5-seed cell mean. Noise inflates
+    both spreads; the "beyond noise" values take out its expected share.
+    """
+    cell_list = cells(tasks)
+    labels = [label for label in acc if matrix(acc, label, cell_list) is not None]
+    if len(labels) < 3:
+        return None
+    runs = np.stack([matrix(acc, label, cell_list) for label in labels])  # labels × cells × seeds
+    means = runs.mean(2)
+    n_labels, n_cells = means.shape
+    main = means.mean(1) - means.mean()
+    inter = means - means.mean(1, keepdims=True) - means.mean(0, keepdims=True) + means.mean()
+    noise2 = float(runs.var(2, ddof=1).mean() / runs.shape[2])
+    main2 = float(main.var(ddof=1))
+    inter2 = float((inter ** 2).sum() / ((n_labels - 1) * (n_cells - 1)))
+    return {"labels": n_labels, "cells": n_cells, "method_sd": math.sqrt(main2),
+            "method_sd_beyond_noise": math.sqrt(max(0.0, main2 - noise2 / n_cells)),
+            "interaction_sd": math.sqrt(inter2), "interaction_sd_beyond_noise": math.sqrt(max(0.0, inter2 - noise2)),
+            "cell_noise_sd": math.sqrt(noise2)}
+
+
+def premise_by_task(acc, excess: dict) -> dict:
+    """Per task (both regimes, 5 seeds), each premise difference, set against the task's shift.
+
+    Args:
+        acc: accuracies().
+        excess: {task: how far its layer inputs move from pre-training} (shift.overall).
+
+    Returns:
+        {comparison: {"tasks": {task: mean difference}, "spearman": rho, "p": p}} over the tasks
+        where both labels are complete.
+    """
+    from scipy.stats import spearmanr
+
+    out = {}
+    for name, (a, b) in PAIRS.items():
+        gains = {}
+        for task in plan.TASK_ORDER:
+            ma, mb = matrix(acc, a, cells([task])), matrix(acc, b, cells([task]))
+            if ma is not None and mb is not None and task in excess:
+                gains[task] = float((ma - mb).mean())
+        if len(gains) >= 3:
+            rho = spearmanr([excess[t] for t in gains], list(gains.values()))
+            out[name] = {"tasks": gains, "spearman": float(rho.statistic), "p": float(rho.pvalue)}
+    return out
+
+
+def size_sweep(acc) -> dict:
+    """Cross and Shift against the true sample's size, on the confirmation half's 1k cells
+    (where the sweep ran), beside Self and the weight proxy on the same cells."""
+    cell_list = cells(plan.CONFIRM, (False,))
+    out = {}
+    for mode in ("cross", "shift"):
+        for n in (*plan.SIZES, REF_IMAGES):
+            m = matrix(acc, f"cntlora-{mode}@{plan.REF}" + (f",ref={n}" if n != REF_IMAGES else ""), cell_list)
+            out.setdefault(mode, {})[n] = summary(m) if m is not None else None
+    for label in ("cntlora-self", "cntlora-cross@pretrain_source=weights", "cntlora-shift@pretrain_source=weights"):
+        m = matrix(acc, label, cell_list)
+        out.setdefault("others", {})[label] = summary(m) if m is not None else None
+    return out
+
+
+def analyse(acc: dict, excess: dict | None = None) -> dict:
+    """Everything PREREGISTRATION.md names, and what moved the numbers.
+
+    Args:
+        acc: accuracies().
+        excess: {task: shift} (shift.overall of shift.json), for the premise per task; None skips it.
+
+    Returns:
+        The tables, the rule's fixed setting, the primary and secondary comparisons, the
+        premise, the size sweep, the labels that did not finish, and the structure of the spread.
+    """
     halves = {"dev": plan.DEV, "confirm": plan.CONFIRM}
     out = {"tables": {}, "premise": {}}
     for half, tasks in halves.items():
@@ -115,54 +213,21 @@ def analyse(acc: dict) -> dict:
             adjusted = holm({b: c["p"] for b, c in family.items()})
             secondary[regime] = {b: {**c, "p_holm": adjusted[b]} for b, c in family.items()}
         out["secondary"] = secondary
-    ref = plan.REF
-    pairs = {"cross(true) - self": (f"cntlora-cross@{ref}", "cntlora-self"),
-             "shift(true) - self": (f"cntlora-shift@{ref}", "cntlora-self"),
-             "cross: true - weight proxy": (f"cntlora-cross@{ref}", "cntlora-cross@pretrain_source=weights"),
-             "shift: true - weight proxy": (f"cntlora-shift@{ref}", "cntlora-shift@pretrain_source=weights"),
-             "cross: true - isotropic": (f"cntlora-cross@{ref}", "cntlora-cross@pretrain_source=isotropic"),
-             "shift: true - isotropic": (f"cntlora-shift@{ref}", "cntlora-shift@pretrain_source=isotropic")}
     for half, tasks in halves.items():
-        out["premise"][half] = {name: compare(acc, a, b, cells(tasks)) for name, (a, b) in pairs.items()}
-    sizes = {}
-    for mode in ("cross", "shift"):
-        for n in (*plan.SIZES, 4096):
-            label = f"cntlora-{mode}@{ref}" + (f",ref={n}" if n != 4096 else "")
-            vals = [np.mean(list(acc.get(label, {}).get((t, False), {}).values()) or [np.nan]) for t in plan.TASK_ORDER]
-            sizes.setdefault(mode, {})[n] = {t: float(v) for t, v in zip(plan.TASK_ORDER, vals)}
-    out["sizes"] = sizes
-    out["seed0"] = {half: seed0_table(acc, tasks) for half, tasks in halves.items()}
+        out["premise"][half] = {name: compare(acc, a, b, cells(tasks)) for name, (a, b) in PAIRS.items()}
+    out["sizes"] = size_sweep(acc)
     out["complete"] = {}
     for half, tasks in halves.items():  # a look while a half is incomplete: the cells every core label has
         common = [c for c in cells(tasks) if all(matrix(acc, label, [c]) is not None for label in plan.CORE_LABELS)]
-        if common:
+        if common and any(label in incomplete(acc, tasks) for label in plan.CORE_LABELS):
             out["complete"][half] = {"table": suite_table(acc, tasks, common),
-                                     "premise": {name: compare(acc, a, b, common) for name, (a, b) in pairs.items()}}
+                                     "premise": {name: compare(acc, a, b, common) for name, (a, b) in PAIRS.items()}}
+    out["incomplete"] = {half: incomplete(acc, tasks) for half, tasks in halves.items()}
+    out["structure"] = {half: structure(acc, tasks) for half, tasks in halves.items()}
+    if excess:
+        out["excess"] = excess
+        out["premise_by_task"] = premise_by_task(acc, excess)
     return out
-
-
-def seed0_table(acc: dict, tasks) -> dict:
-    """A first look while seeds 1-4 are missing: seed 0's test accuracy at its chosen lr.
-
-    Seed 0 is the lr-selection seed, so every label has it first. The cells are those of the
-    half where every core label (plan.CORE_LABELS) has seed 0; a label is listed when it has
-    them all. Not a pre-registered comparison: one seed, and its lr was chosen on the same run.
-
-    Args:
-        acc: accuracies().
-        tasks: the half's tasks.
-
-    Returns:
-        {"cells": [...], "labels": {label: {"average", "cells": {cell: accuracy}}}}, best first.
-    """
-    names = lambda cs: [f"{t}{'-fewshot' if f else ''}" for t, f in cs]  # noqa: E731
-    common = [c for c in cells(tasks) if all(0 in acc.get(label, {}).get(c, {}) for label in plan.CORE_LABELS)]
-    rows = {}
-    for label, by_cell in acc.items():
-        if common and all(0 in by_cell.get(c, {}) for c in common):
-            vals = [by_cell[c][0] for c in common]
-            rows[label] = {"average": float(np.mean(vals)), "cells": dict(zip(names(common), map(float, vals)))}
-    return {"cells": names(common), "labels": dict(sorted(rows.items(), key=lambda kv: -kv[1]["average"]))}
 
 
 def _fmt(c) -> str:
@@ -209,89 +274,59 @@ def markdown(result: dict) -> str:
                   + " | ".join(f"{100 * v:.1f}" for v in row["cells"].values()) + " |" for label, row in table.items()]
         lines += ["", "Premise on these cells (paired):", ""] + [f"- {k}: {_fmt(c)}" for k, c in look["premise"].items()]
         lines.append("")
-    for half, look in result.get("seed0", {}).items():
-        if not look["labels"]:
-            continue
-        lines += [f"## First look, {half} half: seed 0 only", "",
-                  "Seed 0's test accuracy at the lr its own validation accuracy chose, on the cells where every "
-                  "core label has it. One seed, not a pre-registered comparison.", "",
-                  "| method | mean | " + " | ".join(look["cells"]) + " |", "|---|---|" + "---|" * len(look["cells"])]
-        lines += [f"| {label} | {100 * row['average']:.1f} | " + " | ".join(f"{100 * v:.1f}" for v in row["cells"].values())
-                  + " |" for label, row in look["labels"].items()] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _markdown_more(result))
 
 
-def plot(result: dict, out: Path) -> list:
-    """The plots that the logged runs allow: suite-average.png (per method, both halves, error
-    bars), seed0-dev.png (the first look) and sample-size.png (two sizes or more)."""
-    import matplotlib
+def _pct(c) -> str:
+    return f"{100 * c['average']:.2f} [{100 * c['t95'][0]:.2f}, {100 * c['t95'][1]:.2f}]" if c else "not run"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    written = []
-    if not any(result["tables"].get(f"{half}/both") for half in ("dev", "confirm")):
-        fig = None  # no label has every run of a half yet
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=False)
-    for ax, half in zip(axes, ("dev", "confirm")) if fig else ():
-        table = result["tables"].get(f"{half}/both") or {}
-        labels = list(table)[::-1]
-        means = [100 * table[k]["average"] for k in labels]
-        err = [[100 * (table[k]["average"] - table[k]["t95"][0]) for k in labels],
-               [100 * (table[k]["t95"][1] - table[k]["average"]) for k in labels]]
-        colors = ["tab:blue" if k.startswith("cntlora-") else "tab:gray" for k in labels]
-        ax.barh(range(len(labels)), means, xerr=err, color=colors)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        if means:
-            ax.set_xlim(min(means) - 5, max(means) + 3)
-        ax.set_title(f"{half} half: suite average (both regimes)")
-        ax.set_xlabel("test accuracy (%), 95% t-interval over seeds")
-    if fig:
-        fig.tight_layout()
-        fig.savefig(out / "suite-average.png", dpi=110)
-        written.append(out / "suite-average.png")
-        plt.close(fig)
-    look = result.get("seed0", {}).get("dev", {}).get("labels")
-    if look:
-        labels = list(look)[::-1]
-        fig, ax = plt.subplots(figsize=(7, 6))
-        ax.barh(range(len(labels)), [100 * look[k]["average"] for k in labels],
-                color=["tab:blue" if k.startswith("cntlora-") else "tab:gray" for k in labels])
-        for i, k in enumerate(labels):  # each cell's seed-0 accuracy, as dots
-            ax.plot([100 * v for v in look[k]["cells"].values()], [i] * len(look[k]["cells"]), "k.", ms=3)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlim(min(100 * v for k in labels for v in look[k]["cells"].values()) - 2, 100)
-        ax.set_xlabel(f"test accuracy (%), seed 0, mean over {len(result['seed0']['dev']['cells'])} development cells (dots: cells)")
-        ax.set_title("development half, first look (one seed)")
-        fig.tight_layout()
-        fig.savefig(out / "seed0-dev.png", dpi=110)
-        written.append(out / "seed0-dev.png")
-        plt.close(fig)
+def _markdown_more(result: dict) -> list:
+    """The sections past the pre-registered ones: the size sweep, what did not run, what moved the numbers."""
+    lines = []
     sizes = result.get("sizes", {})
-    if sizes and sum(any(np.isfinite(v) for v in by_n.values()) for by_n in next(iter(sizes.values())).values()) >= 2:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for mode, by_n in sizes.items():
-            ns = sorted(by_n)
-            ys = [100 * np.nanmean(list(by_n[n].values())) for n in ns]
-            ax.plot(ns, ys, "o-", label=f"{mode}, true sample")
-        ax.set_xscale("log")
-        ax.set_xlabel("pre-training images in the true sample")
-        ax.set_ylabel("test accuracy (%), 1k regime, mean over tasks run")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "sample-size.png", dpi=110)
-        written.append(out / "sample-size.png")
-        plt.close(fig)
-    return written
+    if sizes:
+        lines += ["## True-sample size, confirmation half, 1k regime", "",
+                  "| pre-training images | " + " | ".join(m for m in sizes if m != "others") + " |", "|---|---|---|"]
+        ns = sorted(next(iter(sizes.values())))
+        lines += [f"| {n} | " + " | ".join(_pct(by_n[n]) for m, by_n in sizes.items() if m != "others") + " |" for n in ns]
+        lines += [""] + [f"- {label}: {_pct(c)}" for label, c in sizes.get("others", {}).items()] + [""]
+    for half, missing in result.get("incomplete", {}).items():
+        if missing:
+            lines += [f"## Not complete on the {half} half", "", "Scores held of those planned (cells × 5 seeds); these "
+                      "labels are out of the half's tables, the rule and any comparison that needs them.", ""]
+            lines += [f"- {label}: {held} of {planned}" for label, (held, planned) in missing.items()] + [""]
+    if any(result.get("structure", {}).values()):
+        lines += ["## What moves the numbers", "", "A two-way decomposition of the labels × cells matrix of 5-seed "
+                  "means (labels complete on the half), in accuracy points: the spread of the methods' suite averages, "
+                  "the spread of the method × cell interaction, and the seed noise of one 5-seed cell mean. "
+                  "\"Beyond noise\" takes out noise's expected share.", "",
+                  "| half | labels | cells | method sd | beyond noise | method × cell sd | beyond noise | cell noise sd |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {half} | {st['labels']} | {st['cells']} | {100 * st['method_sd']:.2f} | "
+                  f"{100 * st['method_sd_beyond_noise']:.2f} | {100 * st['interaction_sd']:.2f} | "
+                  f"{100 * st['interaction_sd_beyond_noise']:.2f} | {100 * st['cell_noise_sd']:.2f} |"
+                  for half, st in result["structure"].items() if st] + [""]
+    by_task = result.get("premise_by_task")
+    if by_task:
+        tasks = [t for t in plan.TASK_ORDER if any(t in c["tasks"] for c in by_task.values())]
+        lines += ["## Premise per task, against the task's shift", "",
+                  "Each difference is the mean over both regimes and 5 seeds. Shift is shift.md's \"all inputs\" excess. "
+                  "Spearman's rank correlation over the tasks; exploratory, not pre-registered.", "",
+                  "| comparison | " + " | ".join(tasks) + " | Spearman ρ (p) |", "|---|" + "---|" * (len(tasks) + 1)]
+        lines += [f"| {name} | " + " | ".join(f"{100 * c['tasks'][t]:+.2f}" if t in c["tasks"] else "–" for t in tasks)
+                  + f" | {c['spearman']:+.2f} ({c['p']:.3f}) |" for name, c in by_task.items()] + [""]
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shift", type=Path, default=None, help="shift.json (python -m bench.vit.shift), for the premise per task")
     args = parser.parse_args(argv)
-    result = analyse(accuracies(args.runs))
+    excess = shift_overall(json.loads(args.shift.read_text())) if args.shift else None
+    result = analyse(accuracies(args.runs), excess)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (args.out / "suite.md").write_text(markdown(result) + "\n")

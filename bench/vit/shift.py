@@ -97,6 +97,18 @@ def measure(path: Path | None = None, calibration: int = CALIBRATION[False]) -> 
     return out
 
 
+def overall(results: dict) -> dict:
+    """{task: the median excess over every adapted layer input} (shift.md's "all inputs" column).
+
+    Args:
+        results: measure()'s output, or shift.json read back.
+
+    Returns:
+        One number per task.
+    """
+    return {t: float(np.median([x for v in kinds.values() for x in v])) for t, kinds in results.items()}
+
+
 def write(results: dict, out: Path) -> None:
     """shift.json, shift.md (a table) and shift.png (the excess per task and input kind)."""
     import matplotlib
@@ -107,11 +119,11 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "shift.json").write_text(json.dumps(results, indent=1))
     med = {t: {k: float(np.median(v)) for k, v in kinds.items()} for t, kinds in results.items()}
-    overall = {t: float(np.median([x for v in kinds.values() for x in v])) for t, kinds in results.items()}
+    total = overall(results)
     groups = {t: g for g, names in GROUPS.items() for t in names}
     rows = ["| task | group | all inputs | " + " | ".join(INPUTS) + " |", "|---|---|---|" + "---|" * len(INPUTS)]
-    for task in [CONTROL, *sorted(TASK_NAMES, key=lambda t: -overall[t])]:
-        rows.append(f"| {task} | {groups.get(task, 'none: pre-training images')} | {overall[task]:.1f} | "
+    for task in [CONTROL, *sorted(TASK_NAMES, key=lambda t: -total[t])]:
+        rows.append(f"| {task} | {groups.get(task, 'none: pre-training images')} | {total[task]:.1f} | "
                     + " | ".join(f"{med[task][k]:.1f}" for k in INPUTS) + " |")
     (out / "shift.md").write_text("# Excess of each task's layer inputs over pre-training's (median over blocks)\n\n"
                                   + __doc__.split("\n\n", 2)[2] + "\n" + "\n".join(rows) + "\n")
