@@ -167,7 +167,7 @@ def test_a_cut_run_gets_no_fixed_setting_and_names_what_did_not_finish(tmp_path)
     missing = result["incomplete"]["dev"]
     assert set(missing) == set(plan.DEV_LABELS)
     assert missing["default"] == [5, 50] and missing["cntlora-self-vas"] == [0, 50]
-    assert result["structure"] == {"dev": None, "confirm": None}
+    assert not any(result["structure"].values())
     assert "Not complete on the dev half" in report.markdown(result)
     assert report.plot(result, tmp_path) == []
 
@@ -185,6 +185,8 @@ def test_structure_separates_the_method_from_the_method_on_a_cell(tmp_path):
     assert st["method_sd"] == pytest.approx(float(np.std([0, 0.01, 0.02, 0.03], ddof=1)))
     assert st["interaction_sd"] == pytest.approx(0.0, abs=1e-9)
     assert st["cell_noise_sd"] == pytest.approx(float(np.sqrt(np.var(wiggle, ddof=1) / 5)))
+    left = report.structure(report.accuracies([tmp_path / "runs.jsonl"]), plan.DEV, leave_out=[labels[3]])
+    assert left["labels"] == 3 and left["method_sd"] == pytest.approx(0.01)
     # one label gains on one cell only: an interaction, seen beyond the noise
     accs[(labels[0], "photos", False)] = {s: v + 0.05 for s, v in accs[(labels[0], "photos", False)].items()}
     _log(tmp_path / "runs.jsonl", accs)

@@ -111,16 +111,17 @@ def incomplete(acc, tasks) -> dict:
     return {label: [n, planned] for label, n in held.items() if n < planned}
 
 
-def structure(acc, tasks) -> dict | None:
+def structure(acc, tasks, leave_out=()) -> dict | None:
     """How far the method moves a half's numbers, and how far the method on one cell does.
 
     A two-way decomposition of the labels × cells matrix of 5-seed means (labels complete on
     the half): the spread of the methods' main effects (their suite averages), the spread of
     the method × cell interaction, and the seed noise of one 5-seed cell mean. Noise inflates
-    both spreads; the "beyond noise" values take out its expected share.
+    both spreads; the "beyond noise" values take out its expected share. `leave_out` drops
+    labels (an outlier such as CorDA would otherwise dominate the main effects).
     """
     cell_list = cells(tasks)
-    labels = [label for label in acc if matrix(acc, label, cell_list) is not None]
+    labels = [label for label in acc if label not in leave_out and matrix(acc, label, cell_list) is not None]
     if len(labels) < 3:
         return None
     runs = np.stack([matrix(acc, label, cell_list) for label in labels])  # labels × cells × seeds
@@ -223,7 +224,8 @@ def analyse(acc: dict, excess: dict | None = None) -> dict:
             out["complete"][half] = {"table": suite_table(acc, tasks, common),
                                      "premise": {name: compare(acc, a, b, common) for name, (a, b) in PAIRS.items()}}
     out["incomplete"] = {half: incomplete(acc, tasks) for half, tasks in halves.items()}
-    out["structure"] = {half: structure(acc, tasks) for half, tasks in halves.items()}
+    out["structure"] = {**{half: structure(acc, tasks) for half, tasks in halves.items()},
+                        **{f"{half} without corda": structure(acc, tasks, ["corda"]) for half, tasks in halves.items()}}
     if excess:
         out["excess"] = excess
         out["premise_by_task"] = premise_by_task(acc, excess)
