@@ -293,3 +293,25 @@ def test_complete_cells_get_a_five_seed_table_and_paired_premise(tmp_path):
     gap = plan.CORE_LABELS.index(f"cntlora-cross@{plan.REF}") - plan.CORE_LABELS.index("cntlora-self")
     assert result["complete"]["dev"]["premise"]["cross(true) - self"]["mean"] == pytest.approx(0.01 * gap)
     assert "Complete cells, dev half" in report.markdown(result)
+
+
+def test_read_shares_match_brute_force_on_small_matrices():
+    from bench.vit.directions import read_shares
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 0.5, 0.5])
+    pre = x.T @ x / len(x)
+    vals, vecs = torch.linalg.eigh(pre)
+    # any basis of C_f's top-2 eigenvectors reads all it can; with C_f = C_p nothing is over-represented
+    a = torch.randn(2, 2, generator=g, dtype=torch.float64) @ vecs[:, -2:].T
+    shares = read_shares(a, pre, pre)
+    assert shares["fine_read"] == pytest.approx(1.0) and shares["excess_read"] == pytest.approx(1.0)
+    # the bottom-2 eigenvectors read the sum of the two smallest eigenvalues over that of the two largest
+    assert read_shares(vecs[:, :2].T, pre, pre)["fine_read"] == pytest.approx(float(vals[:2].sum() / vals[-2:].sum()))
+    # fine-tuning doubles direction e4's energy: brute force from the definitions, with A = e4 (r = 1)
+    e4 = torch.eye(6, dtype=torch.float64)[4:5]
+    fine = pre + pre[4, 4] * torch.outer(e4[0], e4[0])
+    shares = read_shares(3.0 * e4, fine, pre)  # A's scale does not count
+    assert shares["excess_read"] == pytest.approx(float((fine[4, 4] / fine.trace()) / (pre[4, 4] / pre.trace())))
+    assert shares["excess_read"] == pytest.approx(float(2 * pre.trace() / (pre.trace() + pre[4, 4])))
+    assert shares["fine_read"] == pytest.approx(float(fine[4, 4] / torch.linalg.eigvalsh(fine)[-1]))
