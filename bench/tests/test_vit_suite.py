@@ -153,6 +153,16 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert set(result["secondary"]["both"]) == {"default", "gaussian"}
     assert result["premise"]["confirm"]["cross(true) - self"]["mean"] == pytest.approx(0.01, abs=0.01)
     assert "not run" in report.markdown(result)  # the proxies were not in this log
+    # a follow-up label, better than every other, gets its own rule and never changes the main one
+    follow = plan.FOLLOWUP[0]
+    accs.update({(follow, t, f): {s: 0.6 + 0.01 * rng.standard_normal() for s in plan.SEEDS}
+                 for t in plan.TASK_ORDER for f in (False, True)})
+    _log(tmp_path / "runs.jsonl", accs)
+    result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
+    assert result["fixed"] == f"cntlora-cross@{plan.REF}" and result["followup"]["fixed"] == follow
+    assert result["followup"]["vs_best_peft"]["baseline"] == "gaussian"
+    assert result["followup"]["vs_fixed"]["mean"] == pytest.approx(0.07, abs=0.01)
+    assert "Follow-up" in report.markdown(result)
     out = report.plot(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in out)
 
@@ -242,6 +252,21 @@ def test_the_one_call_order_runs_every_label_once_per_cell_core_first():
     assert all(set(s.methods) == set(plan.CORE_LABELS) for s in specs[:first_sizes])
     assert [s.task_kwargs["suite"] in plan.DEV for s in specs[:first_sizes]] == [True] * 10 + [False] * 10
     assert first_sizes < first_extra and all(s.name.endswith("-more") for s in specs[first_extra:])
+
+
+def test_the_follow_up_runs_its_labels_once_per_cell_development_first(tiny_suite):
+    specs = plan.followup_specs()
+    assert all(s.name.endswith("-followup") and s.methods == plan.FOLLOWUP for s in specs)
+    assert [s.task_kwargs["suite"] in plan.DEV for s in specs] == [True] * 10 + [False] * 10
+    assert {(s.task_kwargs["suite"], s.task_kwargs["fewshot"]) for s in specs} == {
+        (t, f) for t in plan.TASK_ORDER for f in (False, True)}
+    assert not set(plan.FOLLOWUP) & set(plan.DEV_LABELS)
+    task = vit_task("rotation", model=_tiny_vit(), path=tiny_suite)
+    for label in plan.FOLLOWUP:  # every label initializes, with the reference sample where it asks for one
+        model, _ = init_model(task, label, 0, torch.device("cpu"))
+        base = label.split("base=")[1].split(",")[0] if "base=" in label else "subspace"
+        assert model.cntlora_plan.config.base == base
+        assert model.cntlora_plan.config.pretrain_source == ("reference" if plan.REF in label else None)
 
 
 def test_the_committed_pretrained_vit_loads_as_its_record_says():

@@ -1,5 +1,8 @@
 # One device call of the ViT suite: build the suite from the packed files in .gpu (bench.vit.suite --pack),
 # record its digest and package versions, check CorDA on CUDA, then resume the plan within the call.
+#   bash bench/vit/device_call.sh            # the main plan (both halves, the size sweep)
+#   bash bench/vit/device_call.sh followup   # the follow-up (PREREGISTRATION.md)
+HALF=${1:-both}
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p $OUT/vit
 {
@@ -9,5 +12,5 @@ if [ ! -f .vit_suite/suite.npz ]; then timeout 120 python3 -m bench.vit.suite .g
 python3 -m pytest -q -p no:cacheprovider bench/tests/test_quality.py -k corda 2>&1 | tail -2
 } > $OUT/vit/device-check.txt 2>&1
 cat $OUT/vit/device-check.txt
-timeout -k 5 $((568-SECONDS)) python3 -m bench.vit.run both --sizes --workers 15 --out $OUT/vit --resume bench/results/vit/runs*.jsonl.xz > $OUT/vit/log.txt 2>&1
+timeout -k 5 $((568-SECONDS)) python3 -m bench.vit.run $HALF $([ $HALF = both ] && echo --sizes) --workers 15 --out $OUT/vit --resume bench/results/vit/runs*.jsonl.xz > $OUT/vit/log.txt 2>&1
 tail -3 $OUT/vit/log.txt; wc -l $OUT/vit/runs.jsonl

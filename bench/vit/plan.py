@@ -31,6 +31,10 @@ DEV_LABELS = PEFT_METHODS + PREMISE + [
     f"cntlora-cross@{REF},directions=generalized",  # A from where fine-tuning energy exceeds pre-training energy
     "cntlora-self-vas@a_row_norm=1",  # the setting recommended on the MobileNetV2 few-shot table
 ]
+# the follow-up (PREREGISTRATION.md, "Follow-up: the start's function and scale"): a subspace start only picks A's
+# directions, and those moved accuracy little; these starts change the function at step 0 or A's scale
+FOLLOWUP = ["cntlora-self@base=residual,strength=None", f"cntlora-cross@{REF},base=residual,strength=None",
+            f"cntlora-shift@{REF},base=keep", "cntlora-self@a_row_norm=1"]
 SIZES = (64, 256, 1024)  # smaller true samples, for the accuracy-against-sample-size plot
 # the order of a run of both halves together (PREREGISTRATION.md, "One call for both halves"): the PEFT inits
 # and the premise's labels first, on both halves, then the size sweep, then the rest
@@ -83,5 +87,21 @@ def priority_specs(sizes=SIZES) -> list:
     for tasks in (DEV, CONFIRM):
         for spec in specs(tasks, EXTRA_LABELS):
             spec.name += "-more"
+            out.append(spec)
+    return out
+
+
+def followup_specs() -> list:
+    """The follow-up's runs: its labels on the development half, then on the confirmation half.
+
+    The spec names carry a "-followup" suffix (run_many needs one name per lr-selecting spec).
+
+    Returns:
+        The specs, in run order.
+    """
+    out = []
+    for tasks in (DEV, CONFIRM):
+        for spec in specs(tasks, FOLLOWUP):
+            spec.name += "-followup"
             out.append(spec)
     return out

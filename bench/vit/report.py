@@ -39,7 +39,7 @@ def accuracies(paths) -> dict:
     """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr."""
     out = {}
     for spec, results in load_runs(paths).items():
-        task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more")
+        task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more").removesuffix("-followup")
         fewshot = task.endswith("-fewshot")
         task = task.removesuffix("-fewshot")
         by_label = {}
@@ -104,10 +104,12 @@ def suite_table(acc, tasks, cell_list) -> dict:
 
 
 def incomplete(acc, tasks) -> dict:
-    """{label: [scores held, scores planned]} for the plan's labels that miss a cell or seed on these tasks."""
+    """{label: [scores held, scores planned]} for the plan's labels (and the follow-up's, once any has run) that
+    miss a cell or seed on these tasks."""
     planned = len(cells(tasks)) * len(plan.SEEDS)
+    planned_labels = plan.DEV_LABELS + (plan.FOLLOWUP if any(label in acc for label in plan.FOLLOWUP) else [])
     held = {label: sum(len(set(acc.get(label, {}).get(c, {})) & set(plan.SEEDS)) for c in cells(tasks))
-            for label in plan.DEV_LABELS}
+            for label in planned_labels}
     return {label: [n, planned] for label, n in held.items() if n < planned}
 
 
@@ -198,7 +200,7 @@ def analyse(acc: dict, excess: dict | None = None) -> dict:
     dev = out["tables"]["dev/both"]
     conf = out["tables"]["confirm/both"]
     # candidates: CNTLoRA labels with every run on both halves (a time limit, never a result, decides)
-    ours = [label for label in dev if label.startswith("cntlora-") and label in conf]
+    ours = [label for label in dev if label in plan.DEV_LABELS and label.startswith("cntlora-") and label in conf]
     fixed = ours[0] if ours else None
     if fixed:
         out["fixed"] = fixed
@@ -214,6 +216,12 @@ def analyse(acc: dict, excess: dict | None = None) -> dict:
             adjusted = holm({b: c["p"] for b, c in family.items()})
             secondary[regime] = {b: {**c, "p_holm": adjusted[b]} for b, c in family.items()}
         out["secondary"] = secondary
+    follow = [label for label in dev if label in plan.FOLLOWUP and label in conf]
+    if follow and peft:  # the follow-up's own rule (PREREGISTRATION.md), applied the same way
+        out["followup"] = {"fixed": follow[0], "vs_best_peft": {"baseline": peft[0],
+                                                                 **compare(acc, follow[0], peft[0], cells(plan.CONFIRM))}}
+        if fixed:
+            out["followup"]["vs_fixed"] = {"baseline": fixed, **compare(acc, follow[0], fixed, cells(plan.CONFIRM))}
     for half, tasks in halves.items():
         out["premise"][half] = {name: compare(acc, a, b, cells(tasks)) for name, (a, b) in PAIRS.items()}
     out["sizes"] = size_sweep(acc)
@@ -263,6 +271,15 @@ def markdown(result: dict) -> str:
         for regime, family in result["secondary"].items():
             lines += [f"Against every PEFT init, confirmation half, {regime} (Holm over 7):", ""]
             lines += [f"- {b}: {_fmt(c)}, Holm p={c['p_holm']:.3f}" for b, c in family.items()] + [""]
+    if "followup" in result:
+        f = result["followup"]
+        lines += ["## Follow-up: the start's function and scale", "",
+                  f"Its fixed setting (best follow-up label on the development half): `{f['fixed']}`.", "",
+                  f"- confirmation half, both regimes: − {f['vs_best_peft']['baseline']} (best PEFT init there) = "
+                  f"{_fmt(f['vs_best_peft'])}"]
+        if "vs_fixed" in f:
+            lines.append(f"- − {f['vs_fixed']['baseline']} (the main fixed setting) = {_fmt(f['vs_fixed'])}")
+        lines.append("")
     for half, comps in result.get("premise", {}).items():
         lines += [f"## Premise, {half} half (both regimes)", ""] + [f"- {k}: {_fmt(c)}" for k, c in comps.items()] + [""]
     for half, look in result.get("complete", {}).items():

@@ -4,6 +4,7 @@
     python -m bench.vit.run confirm --out OUT --labels LABEL ...   # the rule's labels (PREREGISTRATION.md)
     python -m bench.vit.run both --out OUT             # both halves in one call, most needed first (plan.priority_specs)
     python -m bench.vit.run both --out OUT --resume bench/results/vit/runs*.jsonl.xz   # only what no log holds
+    python -m bench.vit.run followup --out OUT --resume bench/results/vit/runs*.jsonl.xz   # plan.FOLLOWUP, both halves
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import plan
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("half", choices=("dev", "confirm", "both"))
+    parser.add_argument("half", choices=("dev", "confirm", "both", "followup"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--labels", nargs="+", default=None, help="method labels (default: the half's plan)")
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     if args.half == "both":
         specs = plan.priority_specs(plan.SIZES if args.sizes else ())
         tasks, labels = plan.TASK_ORDER, plan.DEV_LABELS
+    elif args.half == "followup":
+        specs, tasks, labels = plan.followup_specs(), plan.TASK_ORDER, plan.FOLLOWUP
     else:
         specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
     missing = [str(p) for p in args.resume if not p.is_file()]
