@@ -151,6 +151,8 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert primary["bootstrap95"][0] < primary["mean"] < primary["bootstrap95"][1]
     assert primary["bootstrap95"][0] > 0  # a 2-point edge with 1-point noise over 50 cells is resolved
     assert set(result["secondary"]["both"]) == {"default", "gaussian"}
+    row = result["tables"]["confirm/both"]["default"]
+    assert row["bootstrap95"][0] < row["average"] < row["bootstrap95"][1]  # the tasks × seeds interval
     assert result["premise"]["confirm"]["cross(true) - self"]["mean"] == pytest.approx(0.01, abs=0.01)
     assert "not run" in report.markdown(result)  # the proxies were not in this log
     # a follow-up label, better than every other, gets its own rule and never changes the main one
