@@ -151,6 +151,10 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert primary["bootstrap95"][0] < primary["mean"] < primary["bootstrap95"][1]
     assert primary["bootstrap95"][0] > 0  # a 2-point edge with 1-point noise over 50 cells is resolved
     assert set(result["secondary"]["both"]) == {"default", "gaussian"}
+    chosen = {}
+    report.accuracies([tmp_path / "runs.jsonl"], chosen)
+    choices = report.lr_choices(chosen)["default"]  # the log holds one lr, the grid's lowest, in all 20 cells
+    assert choices == {"counts": {"0.001": 20, "0.003": 0, "0.01": 0}, "edge": 1.0}
     row = result["tables"]["confirm/both"]["default"]
     assert row["bootstrap95"][0] < row["average"] < row["bootstrap95"][1]  # the tasks × seeds interval
     assert result["premise"]["confirm"]["cross(true) - self"]["mean"] == pytest.approx(0.01, abs=0.01)

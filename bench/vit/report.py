@@ -35,8 +35,16 @@ PAIRS = {"cross(true) - self": (f"cntlora-cross@{plan.REF}", "cntlora-self"),
          "shift: true - isotropic": (f"cntlora-shift@{plan.REF}", "cntlora-shift@pretrain_source=isotropic")}
 
 
-def accuracies(paths) -> dict:
-    """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr."""
+def accuracies(paths, chosen: dict | None = None) -> dict:
+    """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr.
+
+    Args:
+        paths: run logs (.jsonl or .jsonl.xz).
+        chosen: if given, filled with {label: {(task, fewshot): the chosen lr}}.
+
+    Returns:
+        The accuracies.
+    """
     out = {}
     for spec, results in load_runs(paths).items():
         task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more").removesuffix("-followup")
@@ -48,6 +56,20 @@ def accuracies(paths) -> dict:
         for label, runs in by_label.items():
             lr = choose_lr(runs, True)
             out.setdefault(label, {})[(task, fewshot)] = {r["seed"]: r["test"] for r in runs if r["lr"] == lr}
+            if chosen is not None:
+                chosen.setdefault(label, {})[(task, fewshot)] = lr
+    return out
+
+
+def lr_choices(chosen: dict) -> dict:
+    """{label: {"counts": {lr: cells that chose it}, "edge": share of cells at the grid's lowest or highest lr}},
+    over the cells of both halves (plan.LRS is the grid)."""
+    out = {}
+    for label, by_cell in chosen.items():
+        lrs = [lr for cell, lr in by_cell.items() if cell[0] in plan.TASK_ORDER]
+        if lrs:
+            out[label] = {"counts": {str(g): lrs.count(g) for g in plan.LRS},
+                          "edge": sum(lr in (min(plan.LRS), max(plan.LRS)) for lr in lrs) / len(lrs)}
     return out
 
 
@@ -182,12 +204,13 @@ def size_sweep(acc) -> dict:
     return out
 
 
-def analyse(acc: dict, excess: dict | None = None) -> dict:
+def analyse(acc: dict, excess: dict | None = None, chosen: dict | None = None) -> dict:
     """Everything PREREGISTRATION.md names, and what moved the numbers.
 
     Args:
         acc: accuracies().
         excess: {task: shift} (shift.overall of shift.json), for the premise per task; None skips it.
+        chosen: the lrs accuracies() chose, for the table of lr choices; None skips it.
 
     Returns:
         The tables, the rule's fixed setting, the primary and secondary comparisons, the
@@ -235,6 +258,8 @@ def analyse(acc: dict, excess: dict | None = None) -> dict:
     out["incomplete"] = {half: incomplete(acc, tasks) for half, tasks in halves.items()}
     out["structure"] = {**{half: structure(acc, tasks) for half, tasks in halves.items()},
                         **{f"{half} without corda": structure(acc, tasks, ["corda"]) for half, tasks in halves.items()}}
+    if chosen:
+        out["lr_choices"] = lr_choices(chosen)
     if excess:
         out["excess"] = excess
         out["premise_by_task"] = premise_by_task(acc, excess)
@@ -332,6 +357,14 @@ def _markdown_more(result: dict) -> list:
                   f"{100 * st['method_sd_beyond_noise']:.2f} | {100 * st['interaction_sd']:.2f} | "
                   f"{100 * st['interaction_sd_beyond_noise']:.2f} | {100 * st['cell_noise_sd']:.2f} |"
                   for half, st in result["structure"].items() if st] + [""]
+    choices = result.get("lr_choices")
+    if choices:
+        grid = [str(g) for g in plan.LRS]
+        lines += ["## Learning rates chosen", "", "Cells (task × regime, both halves) where seed 0's validation accuracy "
+                  "chose each lr. A choice at the grid's lowest or highest lr may hide a better one beyond it.", "",
+                  "| method | " + " | ".join(grid) + " | at an edge |", "|---|" + "---|" * (len(grid) + 1)]
+        lines += [f"| {label} | " + " | ".join(str(c["counts"][g]) for g in grid) + f" | {100 * c['edge']:.0f}% |"
+                  for label, c in sorted(choices.items(), key=lambda kv: -kv[1]["edge"])] + [""]
     by_task = result.get("premise_by_task")
     if by_task:
         tasks = [t for t in plan.TASK_ORDER if any(t in c["tasks"] for c in by_task.values())]
@@ -351,7 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shift", type=Path, default=None, help="shift.json (python -m bench.vit.shift), for the premise per task")
     args = parser.parse_args(argv)
     excess = shift_overall(json.loads(args.shift.read_text())) if args.shift else None
-    result = analyse(accuracies(args.runs), excess)
+    chosen = {}
+    result = analyse(accuracies(args.runs, chosen), excess, chosen)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (args.out / "suite.md").write_text(markdown(result) + "\n")
