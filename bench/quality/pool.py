@@ -47,6 +47,11 @@ class Spec:
     task_kwargs: dict = field(default_factory=dict)
     checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS
     select_seeds: Optional[int] = None
+    label_lrs: dict = field(default_factory=dict)  # {label: its own lr grid}, replacing lrs for that label
+
+    def lrs_of(self, label: str) -> Sequence[float]:
+        """The lr grid seed 0 (every first seed) runs for `label`."""
+        return self.label_lrs.get(label, self.lrs)
 
 
 class RunLog:
@@ -138,7 +143,7 @@ def run_many(specs: Sequence[Spec], workers: int = 4, device=None, on_run: Optio
             on_start(spec.name, {**results_dict(task_of[spec.name], spec.steps, []), "task": spec.name})
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
-    waiting = [(i, spec, label, seed, todo(spec, label, seed, spec.lrs)) for i, spec in enumerate(specs)
+    waiting = [(i, spec, label, seed, todo(spec, label, seed, spec.lrs_of(label))) for i, spec in enumerate(specs)
                for label in spec.methods for seed in first_seeds(spec)]
     waiting = [job for job in waiting if job[4]]
     left = {spec.name: sum(job[1] is spec for job in waiting) for spec in specs}

@@ -351,6 +351,28 @@ def test_run_many_resumes_a_cut_run_to_the_same_runs():
         assert {key(r): r["test"] for r in again} == pytest.approx({key(r): r["test"] for r in whole})
 
 
+def test_run_many_extends_one_labels_grid_and_runs_only_the_new_lr_and_its_seeds():
+    from bench.quality.pool import Spec, run_many
+
+    spec = Spec(name="t", task="tiny", methods=["default", "cntlora-self"], seeds=[0, 1, 2], lrs=[1e-3, 1e-2],
+                steps=3, task_kwargs={"quick": True}, checkpoints=(2,), select_seeds=1)
+    whole = run_many([spec], workers=1, device="cpu", log=None)["t"]["runs"]
+    spec.label_lrs = {"default": [1e-3, 1e-2, 1.0]}  # an lr far past the edge: it runs on seed 0 only, and loses
+    new = []
+    again = run_many([spec], workers=1, device="cpu", log=None, done={"t": whole},
+                     on_run=lambda name, r: new.append(r))["t"]["runs"]
+    assert [(r["label"], r["seed"], r["lr"]) for r in new] == [("default", 0, 1.0)]
+    assert len(again) == len(whole) + 1
+    # an lr that wins on seed 0 gets the other seeds
+    spec.label_lrs = {"cntlora-self": [1e-3, 1e-2, 3e-2]}
+    new = []
+    run_many([spec], workers=1, device="cpu", log=None, done={"t": again}, on_run=lambda name, r: new.append(r))
+    seed0 = [r for r in again + new if r["label"] == "cntlora-self" and r["seed"] == 0]
+    best = protocol.choose_lr(seed0, make_task("tiny").higher_is_better)
+    expected = [("cntlora-self", 0, 3e-2)] + ([("cntlora-self", s, 3e-2) for s in (1, 2)] if best == 3e-2 else [])
+    assert sorted((r["label"], r["seed"], r["lr"]) for r in new) == sorted(expected)
+
+
 def test_load_runs_reads_an_xz_log_as_the_plain_one(tmp_path):
     import lzma
 

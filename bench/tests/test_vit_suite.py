@@ -275,6 +275,48 @@ def test_the_follow_up_runs_its_labels_once_per_cell_development_first(tiny_suit
         assert model.cntlora_plan.config.pretrain_source == ("reference" if plan.REF in label else None)
 
 
+def test_edge_specs_extend_only_the_labels_at_an_edge_one_step():
+    chosen = {"default": {("photos", False): 1e-2, ("digits", False): 3e-3}, "corda": {("photos", True): 1e-3}}
+    specs = plan.edge_specs(chosen)
+    names = [s.name for s in specs]
+    assert names == [s.name for s in plan.priority_specs(()) + plan.followup_specs()] and len(set(names)) == len(names)
+    by_name = {s.name: s for s in specs}
+    assert by_name["vit-photos"].label_lrs == {"default": [1e-3, 3e-3, 1e-2, 3e-2]}
+    assert by_name["vit-photos"].lrs_of("corda") == list(plan.LRS)
+    assert by_name["vit-photos-fewshot"].label_lrs == {"corda": [3e-4, 1e-3, 3e-3, 1e-2]}
+    assert all(not s.label_lrs for s in specs if s.name not in ("vit-photos", "vit-photos-fewshot"))
+
+
+def test_run_edges_needs_the_logs_it_extends(tmp_path, capsys):
+    from bench.vit import run
+
+    with pytest.raises(SystemExit) as e:
+        run.main(["edges", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_report_keeps_the_registered_grid_and_adds_the_edge_extended_result(tmp_path):
+    rng = np.random.default_rng(0)
+    offsets = {"default": 0.0, "gaussian": 0.01, "cntlora-self": 0.02, f"cntlora-cross@{plan.REF}": 0.03}
+    accs = {(label, t, f): {s: 0.5 + off + 0.01 * rng.standard_normal() for s in plan.SEEDS}
+            for label, off in offsets.items() for t in plan.TASK_ORDER for f in (False, True)}
+    _log(tmp_path / "runs.jsonl", accs)
+    with open(tmp_path / "runs.jsonl", "a") as f:  # default at an lr past the grid's low edge, better everywhere
+        for t in plan.TASK_ORDER:
+            for fs in (False, True):
+                spec = f"vit-{t}" + ("-fewshot" if fs else "")
+                for seed in plan.SEEDS:
+                    f.write(json.dumps({"kind": "run", "spec": spec, "data": {"label": "default", "seed": seed, "lr": 3e-4,
+                                                                             "steps": 1, "val": {"1": 0.6}, "test": 0.6}}) + "\n")
+    assert report.main([str(tmp_path / "runs.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert result["primary"]["baseline"] == "gaussian"  # the registered grid: the 3e-4 runs do not count
+    assert result["edge_extended"]["primary"]["baseline"] == "default"
+    assert result["edge_extended"]["primary"]["mean"] == pytest.approx(0.53 - 0.6, abs=0.01)
+    assert "With the lr grid extended past its edges" in (tmp_path / "out" / "suite.md").read_text()
+
+
 def test_the_committed_pretrained_vit_loads_as_its_record_says():
     from safetensors import safe_open
 

@@ -20,6 +20,7 @@ SEEDS = range(5)
 SELECT_SEEDS = 1  # every lr runs on seed 0; the lr with the best validation accuracy runs on seeds 1-4
 LRS = (1e-3, 3e-3, 1e-2)
 STEPS = {False: 100, True: 48}  # 1k regime: 8 epochs of batch 64; few-shot: 12 epochs of batch 25
+BOOTSTRAP = 10_000  # draws of the two-way bootstrap (tasks × seeds) behind every interval of the report
 REF = "pretrain_source=reference"  # the true pre-training sample (4,096 Fashion-MNIST training images)
 
 # pre-training statistics for Cross and Shift: the true sample, the weight proxy, isotropic; Self has none
@@ -35,6 +36,7 @@ DEV_LABELS = PEFT_METHODS + PREMISE + [
 # directions, and those moved accuracy little; these starts change the function at step 0 or A's scale
 FOLLOWUP = ["cntlora-self@base=residual,strength=None", f"cntlora-cross@{REF},base=residual,strength=None",
             f"cntlora-shift@{REF},base=keep", "cntlora-self@a_row_norm=1"]
+EDGE = {min(LRS): 3e-4, max(LRS): 3e-2}  # one step past each end of the grid (PREREGISTRATION.md, "Learning-rate edges")
 SIZES = (64, 256, 1024)  # smaller true samples, for the accuracy-against-sample-size plot
 # the order of a run of both halves together (PREREGISTRATION.md, "One call for both halves"): the PEFT inits
 # and the premise's labels first, on both halves, then the size sweep, then the rest
@@ -104,4 +106,27 @@ def followup_specs() -> list:
         for spec in specs(tasks, FOLLOWUP):
             spec.name += "-followup"
             out.append(spec)
+    return out
+
+
+def edge_specs(chosen: dict) -> list:
+    """The main plan and the follow-up, each label's grid extended one step past the edge it chose.
+
+    Every spec comes back (run_many skips what the logs hold, and completes what they miss);
+    a label whose seed-0 choice on the grid LRS was its lowest or highest lr also runs seed 0
+    at EDGE's next lr, and seeds 1-4 wherever that lr wins on validation.
+
+    Args:
+        chosen: {label: {(task, fewshot): lr chosen on the grid LRS}} (report.accuracies with lrs=LRS).
+
+    Returns:
+        The specs, in run order: priority_specs() without the size sweep, then followup_specs().
+    """
+    out = priority_specs(()) + followup_specs()
+    for spec in out:
+        cell = (spec.task_kwargs["suite"], spec.task_kwargs["fewshot"])
+        for label in spec.methods:
+            lr = chosen.get(label, {}).get(cell)
+            if lr in EDGE:
+                spec.label_lrs[label] = sorted({*LRS, EDGE[lr]})
     return out

@@ -23,9 +23,9 @@ from ..quality.report import load_runs
 from ..quality.stats import holm, mean_std, paired_difference, t_quantile
 from . import plan
 from .figures import plot
+from .markdown import markdown
 from .shift import overall as shift_overall
 
-BOOTSTRAP = 10_000
 REF_IMAGES = 4096  # the full true sample (suite.REFERENCE_IMAGES)
 PAIRS = {"cross(true) - self": (f"cntlora-cross@{plan.REF}", "cntlora-self"),
          "shift(true) - self": (f"cntlora-shift@{plan.REF}", "cntlora-self"),
@@ -35,12 +35,13 @@ PAIRS = {"cross(true) - self": (f"cntlora-cross@{plan.REF}", "cntlora-self"),
          "shift: true - isotropic": (f"cntlora-shift@{plan.REF}", "cntlora-shift@pretrain_source=isotropic")}
 
 
-def accuracies(paths, chosen: dict | None = None) -> dict:
+def accuracies(paths, chosen: dict | None = None, lrs=None) -> dict:
     """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr.
 
     Args:
         paths: run logs (.jsonl or .jsonl.xz).
         chosen: if given, filled with {label: {(task, fewshot): the chosen lr}}.
+        lrs: keep only runs at these lrs (plan.LRS: the pre-registered grid); None keeps every run.
 
     Returns:
         The accuracies.
@@ -52,7 +53,8 @@ def accuracies(paths, chosen: dict | None = None) -> dict:
         task = task.removesuffix("-fewshot")
         by_label = {}
         for r in results["runs"]:
-            by_label.setdefault(r["label"], []).append(r)
+            if lrs is None or r["lr"] in lrs:
+                by_label.setdefault(r["label"], []).append(r)
         for label, runs in by_label.items():
             lr = choose_lr(runs, True)
             out.setdefault(label, {})[(task, fewshot)] = {r["seed"]: r["test"] for r in runs if r["lr"] == lr}
@@ -92,7 +94,7 @@ def bootstrap(diff: np.ndarray, seed: int = 0) -> list:
     """95% percentile interval of the mean of a cells × seeds matrix, resampling cells and seeds."""
     rng = np.random.default_rng(seed)
     c, s = diff.shape
-    means = [diff[rng.integers(0, c, c)][:, rng.integers(0, s, s)].mean() for _ in range(BOOTSTRAP)]
+    means = [diff[rng.integers(0, c, c)][:, rng.integers(0, s, s)].mean() for _ in range(plan.BOOTSTRAP)]
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
@@ -266,117 +268,6 @@ def analyse(acc: dict, excess: dict | None = None, chosen: dict | None = None) -
     return out
 
 
-def _fmt(c) -> str:
-    if not c:
-        return "not run"
-    lo, hi = c["bootstrap95"]
-    return f"{100 * c['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] (t95 [{100 * c['t95'][0]:+.2f}, {100 * c['t95'][1]:+.2f}], p={c['p']:.3f})"
-
-
-def markdown(result: dict) -> str:
-    """The report as markdown."""
-    lines = ["# ViT transfer suite", "", "Test accuracy in %, mean over tasks × regimes × 5 seeds; 95% t-interval over "
-             "the per-seed suite averages, and a 95% two-way bootstrap interval resampling task cells and seeds "
-             f"({BOOTSTRAP:,} draws). The second treats the tasks as a sample of possible tasks; it is wide because the "
-             "tasks differ in difficulty, so methods are compared paired, in the sections below. Produced by "
-             "`python -m bench.vit.report`.", ""]
-    for name, table in result["tables"].items():
-        if not table:
-            continue
-        half, regime = name.split("/")
-        cols = list(next(iter(table.values()))["cells"])
-        lines += [f"## {half} half, {regime}", "",
-                  "| method | suite average [t95 over seeds] | tasks × seeds 95% | " + " | ".join(cols) + " |",
-                  "|---|---|---|" + "---|" * len(cols)]
-        for label, row in table.items():
-            lo, hi = row["bootstrap95"]
-            lines.append(f"| {label} | {100 * row['average']:.2f} [{100 * row['t95'][0]:.2f}, {100 * row['t95'][1]:.2f}] | "
-                         f"[{100 * lo:.2f}, {100 * hi:.2f}] | " + " | ".join(f"{100 * v:.1f}" for v in row["cells"].values()) + " |")
-        lines.append("")
-    if "fixed" in result:
-        lines += ["## Pre-registered comparisons", "", f"Fixed setting (best CNTLoRA label on the development half): `{result['fixed']}`.", ""]
-    if "primary" in result:
-        p = result["primary"]
-        lines += [f"Primary, confirmation half, both regimes: fixed − {p['baseline']} (best PEFT init there) = {_fmt(p)}; "
-                  "bootstrap interval over task cells × seeds.", ""]
-        for regime, family in result["secondary"].items():
-            lines += [f"Against every PEFT init, confirmation half, {regime} (Holm over 7):", ""]
-            lines += [f"- {b}: {_fmt(c)}, Holm p={c['p_holm']:.3f}" for b, c in family.items()] + [""]
-    if "followup" in result:
-        f = result["followup"]
-        lines += ["## Follow-up: the start's function and scale", "",
-                  f"Its fixed setting (best follow-up label on the development half): `{f['fixed']}`.", "",
-                  f"- confirmation half, both regimes: − {f['vs_best_peft']['baseline']} (best PEFT init there) = "
-                  f"{_fmt(f['vs_best_peft'])}"]
-        if "vs_fixed" in f:
-            lines.append(f"- − {f['vs_fixed']['baseline']} (the main fixed setting) = {_fmt(f['vs_fixed'])}")
-        lines.append("")
-    for half, comps in result.get("premise", {}).items():
-        lines += [f"## Premise, {half} half (both regimes)", ""] + [f"- {k}: {_fmt(c)}" for k, c in comps.items()] + [""]
-    for half, look in result.get("complete", {}).items():
-        table = look["table"]
-        cols = list(next(iter(table.values()))["cells"])
-        lines += [f"## Complete cells, {half} half: 5 seeds", "",
-                  "The cells where every core label has all 5 seeds, while the half is incomplete. Not a "
-                  "pre-registered comparison.", "", "| method | average | " + " | ".join(cols) + " |",
-                  "|---|---|" + "---|" * len(cols)]
-        lines += [f"| {label} | {100 * row['average']:.2f} [{100 * row['t95'][0]:.2f}, {100 * row['t95'][1]:.2f}] | "
-                  + " | ".join(f"{100 * v:.1f}" for v in row["cells"].values()) + " |" for label, row in table.items()]
-        lines += ["", "Premise on these cells (paired):", ""] + [f"- {k}: {_fmt(c)}" for k, c in look["premise"].items()]
-        lines.append("")
-    return "\n".join(lines + _markdown_more(result))
-
-
-def _pct(c) -> str:
-    return f"{100 * c['average']:.2f} [{100 * c['t95'][0]:.2f}, {100 * c['t95'][1]:.2f}]" if c else "not run"
-
-
-def _markdown_more(result: dict) -> list:
-    """The sections past the pre-registered ones: the size sweep, what did not run, what moved the numbers."""
-    lines = []
-    sizes = result.get("sizes", {})
-    if sizes:
-        lines += ["## True-sample size, confirmation half, 1k regime", "",
-                  "| pre-training images | " + " | ".join(m for m in sizes if m != "others") + " |", "|---|---|---|"]
-        ns = sorted(next(iter(sizes.values())))
-        lines += [f"| {n} | " + " | ".join(_pct(by_n[n]) for m, by_n in sizes.items() if m != "others") + " |" for n in ns]
-        lines += [""] + [f"- {label}: {_pct(c)}" for label, c in sizes.get("others", {}).items()] + [""]
-    for half, missing in result.get("incomplete", {}).items():
-        if missing:
-            lines += [f"## Not complete on the {half} half", "", "Scores held of those planned (cells × 5 seeds); these "
-                      "labels are out of the half's tables, the rule and any comparison that needs them.", ""]
-            lines += [f"- {label}: {held} of {planned}" for label, (held, planned) in missing.items()] + [""]
-    if any(result.get("structure", {}).values()):
-        lines += ["## What moves the numbers", "", "A two-way decomposition of the labels × cells matrix of 5-seed "
-                  "means (labels complete on the half), in accuracy points: the spread of the methods' suite averages, "
-                  "the spread of the method × cell interaction, and the seed noise of one 5-seed cell mean. "
-                  "\"Beyond noise\" takes out noise's expected share.", "",
-                  "| half | labels | cells | method sd | beyond noise | method × cell sd | beyond noise | cell noise sd |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {half} | {st['labels']} | {st['cells']} | {100 * st['method_sd']:.2f} | "
-                  f"{100 * st['method_sd_beyond_noise']:.2f} | {100 * st['interaction_sd']:.2f} | "
-                  f"{100 * st['interaction_sd_beyond_noise']:.2f} | {100 * st['cell_noise_sd']:.2f} |"
-                  for half, st in result["structure"].items() if st] + [""]
-    choices = result.get("lr_choices")
-    if choices:
-        grid = [str(g) for g in plan.LRS]
-        lines += ["## Learning rates chosen", "", "Cells (task × regime, both halves) where seed 0's validation accuracy "
-                  "chose each lr. A choice at the grid's lowest or highest lr may hide a better one beyond it.", "",
-                  "| method | " + " | ".join(grid) + " | at an edge |", "|---|" + "---|" * (len(grid) + 1)]
-        lines += [f"| {label} | " + " | ".join(str(c["counts"][g]) for g in grid) + f" | {100 * c['edge']:.0f}% |"
-                  for label, c in sorted(choices.items(), key=lambda kv: -kv[1]["edge"])] + [""]
-    by_task = result.get("premise_by_task")
-    if by_task:
-        tasks = [t for t in plan.TASK_ORDER if any(t in c["tasks"] for c in by_task.values())]
-        lines += ["## Premise per task, against the task's shift", "",
-                  "Each difference is the mean over both regimes and 5 seeds. Shift is shift.md's \"all inputs\" excess. "
-                  "Spearman's rank correlation over the tasks; exploratory, not pre-registered.", "",
-                  "| comparison | " + " | ".join(tasks) + " | Spearman ρ (p) |", "|---|" + "---|" * (len(tasks) + 1)]
-        lines += [f"| {name} | " + " | ".join(f"{100 * c['tasks'][t]:+.2f}" if t in c["tasks"] else "–" for t in tasks)
-                  + f" | {c['spearman']:+.2f} ({c['p']:.3f}) |" for name, c in by_task.items()] + [""]
-    return lines
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -385,7 +276,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     excess = shift_overall(json.loads(args.shift.read_text())) if args.shift else None
     chosen = {}
-    result = analyse(accuracies(args.runs, chosen), excess, chosen)
+    result = analyse(accuracies(args.runs, chosen, lrs=plan.LRS), excess, chosen)
+    wide = analyse(accuracies(args.runs))  # every lr logged, the grid's edges extended included
+    if wide["tables"] != result["tables"]:
+        result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "premise", "followup") if k in wide}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (args.out / "suite.md").write_text(markdown(result) + "\n")

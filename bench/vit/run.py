@@ -5,6 +5,7 @@
     python -m bench.vit.run both --out OUT             # both halves in one call, most needed first (plan.priority_specs)
     python -m bench.vit.run both --out OUT --resume bench/results/vit/runs*.jsonl.xz   # only what no log holds
     python -m bench.vit.run followup --out OUT --resume bench/results/vit/runs*.jsonl.xz   # plan.FOLLOWUP, both halves
+    python -m bench.vit.run edges --out OUT --resume bench/results/vit/runs*.jsonl.xz   # past each lr edge chosen
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from . import plan
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("half", choices=("dev", "confirm", "both", "followup"))
+    parser.add_argument("half", choices=("dev", "confirm", "both", "followup", "edges"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--labels", nargs="+", default=None, help="method labels (default: the half's plan)")
@@ -33,16 +34,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tasks = args.tasks or (plan.DEV if args.half == "dev" else plan.CONFIRM)
     labels = args.labels or plan.DEV_LABELS
-    if args.half == "both":
+    missing = [str(p) for p in args.resume if not p.is_file()]
+    if missing:
+        parser.error(f"--resume: no such log {', '.join(missing)}")
+    if args.half == "edges" and not args.resume:
+        parser.error("edges: give the logs whose lr choices it extends (--resume bench/results/vit/runs*.jsonl.xz)")
+    if args.half == "edges":
+        from .report import accuracies
+
+        chosen = {}
+        accuracies(args.resume, chosen, lrs=plan.LRS)
+        specs, tasks, labels = plan.edge_specs(chosen), plan.TASK_ORDER, plan.DEV_LABELS + plan.FOLLOWUP
+    elif args.half == "both":
         specs = plan.priority_specs(plan.SIZES if args.sizes else ())
         tasks, labels = plan.TASK_ORDER, plan.DEV_LABELS
     elif args.half == "followup":
         specs, tasks, labels = plan.followup_specs(), plan.TASK_ORDER, plan.FOLLOWUP
     else:
         specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
-    missing = [str(p) for p in args.resume if not p.is_file()]
-    if missing:
-        parser.error(f"--resume: no such log {', '.join(missing)}")
     done = {name: results["runs"] for name, results in load_runs(args.resume).items()} if args.resume else None
     args.out.mkdir(parents=True, exist_ok=True)
     log = RunLog(args.out / "runs.jsonl")
