@@ -5,7 +5,9 @@
 Every (label, task, regime) keeps the runs at its lr chosen on seed 0's validation accuracy
 (protocol.choose_lr). A suite average is the mean test accuracy over a half's tasks, both
 regimes, per seed. Intervals: a paired t-interval over the 5 per-seed suite averages, and a
-two-way bootstrap that resamples task-regime cells and seeds (PREREGISTRATION.md).
+two-way bootstrap that resamples task-regime cells and seeds (PREREGISTRATION.md). The results
+use the registered lr grid (plan.LRS); runs at other lrs (the edge pass, run.py edges) feed a
+section of their own, "With the lr grid extended past its edges".
 """
 
 from __future__ import annotations
