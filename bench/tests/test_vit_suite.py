@@ -125,23 +125,28 @@ def test_missing_suite_file_names_the_command(tmp_path):
         vit_task("rotation", model=_tiny_vit(), path=tmp_path / "absent.npz")
 
 
-def _log(path, accs):
-    """A run log with one lr per label (so the chosen lr is that one)."""
-    with open(path, "w") as f:
+def _log(path, accs, lr=0.001, mode="w"):
+    """A run log with one lr per label (so the chosen lr is that one); mode "a" adds to a log."""
+    with open(path, mode) as f:
         for (label, task, fewshot), by_seed in accs.items():
             spec = f"vit-{task}" + ("-fewshot" if fewshot else "")
             f.write(json.dumps({"kind": "meta", "spec": spec, "data": {"metric": "accuracy", "higher_is_better": True,
                                                                       "steps": 1, "train_size": 1}}) + "\n")
             for seed, acc in by_seed.items():
-                f.write(json.dumps({"kind": "run", "spec": spec, "data": {"label": label, "seed": seed, "lr": 0.001,
+                f.write(json.dumps({"kind": "run", "spec": spec, "data": {"label": label, "seed": seed, "lr": lr,
                                                                          "steps": 1, "val": {"1": acc}, "test": acc}}) + "\n")
+
+
+def _four_labels(rng):
+    """Every cell and seed of four labels, 1 point apart (default < gaussian < self < cross), noise 1 point."""
+    offsets = {"default": 0.0, "gaussian": 0.01, "cntlora-self": 0.02, f"cntlora-cross@{plan.REF}": 0.03}
+    return {(label, t, f): {s: 0.5 + off + 0.01 * rng.standard_normal() for s in plan.SEEDS}
+            for label, off in offsets.items() for t in plan.TASK_ORDER for f in (False, True)}
 
 
 def test_report_applies_the_rule_and_its_intervals(tmp_path):
     rng = np.random.default_rng(0)
-    offsets = {"default": 0.0, "gaussian": 0.01, "cntlora-self": 0.02, f"cntlora-cross@{plan.REF}": 0.03}
-    accs = {(label, t, f): {s: 0.5 + off + 0.01 * rng.standard_normal() for s in plan.SEEDS}
-            for label, off in offsets.items() for t in plan.TASK_ORDER for f in (False, True)}
+    accs = _four_labels(rng)
     _log(tmp_path / "runs.jsonl", accs)
     result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
     assert result["fixed"] == f"cntlora-cross@{plan.REF}"
@@ -297,18 +302,10 @@ def test_run_edges_needs_the_logs_it_extends(tmp_path, capsys):
 
 
 def test_the_report_keeps_the_registered_grid_and_adds_the_edge_extended_result(tmp_path):
-    rng = np.random.default_rng(0)
-    offsets = {"default": 0.0, "gaussian": 0.01, "cntlora-self": 0.02, f"cntlora-cross@{plan.REF}": 0.03}
-    accs = {(label, t, f): {s: 0.5 + off + 0.01 * rng.standard_normal() for s in plan.SEEDS}
-            for label, off in offsets.items() for t in plan.TASK_ORDER for f in (False, True)}
-    _log(tmp_path / "runs.jsonl", accs)
-    with open(tmp_path / "runs.jsonl", "a") as f:  # default at an lr past the grid's low edge, better everywhere
-        for t in plan.TASK_ORDER:
-            for fs in (False, True):
-                spec = f"vit-{t}" + ("-fewshot" if fs else "")
-                for seed in plan.SEEDS:
-                    f.write(json.dumps({"kind": "run", "spec": spec, "data": {"label": "default", "seed": seed, "lr": 3e-4,
-                                                                             "steps": 1, "val": {"1": 0.6}, "test": 0.6}}) + "\n")
+    _log(tmp_path / "runs.jsonl", _four_labels(np.random.default_rng(0)))
+    # default at an lr past the grid's low edge, better everywhere
+    _log(tmp_path / "runs.jsonl", {("default", t, f): {s: 0.6 for s in plan.SEEDS} for t in plan.TASK_ORDER
+                                   for f in (False, True)}, lr=3e-4, mode="a")
     assert report.main([str(tmp_path / "runs.jsonl"), "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "suite.json").read_text())
     assert result["primary"]["baseline"] == "gaussian"  # the registered grid: the 3e-4 runs do not count

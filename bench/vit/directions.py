@@ -28,7 +28,7 @@ import torch
 from ..quality.protocol import init_model
 from .model import load_pretrained
 from .plan import TASK_ORDER
-from .shift import INPUTS, _second_moments
+from .shift import INPUTS, second_moments
 from .tasks import CALIBRATION, _arrays, suite_file, vit_task
 
 LABELS = ("default", "cntlora-self", "cntlora-cross@pretrain_source=reference",
@@ -78,10 +78,10 @@ def measure(path: Path | None = None, labels=LABELS, tasks=TASK_ORDER) -> dict:
     z = _arrays(Path(path or suite_file()))
     base = load_pretrained()
     names = [n for n, _ in base.named_modules() if n.endswith(tuple("." + s for s in INPUTS.values()))]
-    pre = _second_moments(base, z["reference_x"], names)
+    pre = second_moments(base, z["reference_x"], names)
     out = {}
     for task in tqdm(tasks, desc="directions", unit="task"):
-        fine = _second_moments(base, z[f"{task}/train_x"][:CALIBRATION[False]], names)
+        fine = second_moments(base, z[f"{task}/train_x"][:CALIBRATION[False]], names)
         harness_task = vit_task(task, fewshot=False, path=path)
         out[task] = {}
         for label in labels:

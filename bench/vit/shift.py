@@ -61,7 +61,17 @@ def _batches(images: np.ndarray) -> list:
     return [{"pixel_values": pixels(x[i:i + REFERENCE_BATCH])} for i in range(0, len(x), REFERENCE_BATCH)]
 
 
-def _second_moments(model, images: np.ndarray, names: list) -> dict:
+def second_moments(model, images: np.ndarray, names: list) -> dict:
+    """The second moment E[x xᵀ] of each named layer's input over `images`.
+
+    Args:
+        model: the ViT (bench/vit/model.py).
+        images: uint8 images, N × 28 × 28.
+        names: the layers' module names.
+
+    Returns:
+        {name: d × d second moment}.
+    """
     stats = collect_statistics(model, _batches(images), names, progress=False)
     return {name: stats.moments(name).second for name in names}
 
@@ -83,12 +93,12 @@ def measure(path: Path | None = None, calibration: int = CALIBRATION[False]) -> 
     suffixes = tuple("." + s for s in INPUTS.values())
     names = [n for n, _ in model.named_modules() if n.endswith(suffixes)]
     ref = z["reference_x"]
-    pre = _second_moments(model, ref, names)
-    sets = {CONTROL: (ref[-calibration:], _second_moments(model, ref[:-calibration], names))}
+    pre = second_moments(model, ref, names)
+    sets = {CONTROL: (ref[-calibration:], second_moments(model, ref[:-calibration], names))}
     sets.update({task: (z[f"{task}/train_x"][:calibration], pre) for task in TASK_NAMES})
     out = {}
     for task, (images, pre_of) in tqdm(sets.items(), desc="shift", unit="task"):
-        fine = _second_moments(model, images, names)
+        fine = second_moments(model, images, names)
         per_kind = {kind: [] for kind in INPUTS}
         for name in names:
             kind = next(k for k, suffix in INPUTS.items() if name.endswith(suffix))
