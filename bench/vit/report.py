@@ -41,7 +41,7 @@ def accuracies(paths, chosen: dict | None = None, lrs=None) -> dict:
     """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr.
 
     Args:
-        paths: run logs (.jsonl or .jsonl.xz).
+        paths: run logs (.jsonl or .jsonl.xz), or what quality.report.load_runs read from them.
         chosen: if given, filled with {label: {(task, fewshot): the chosen lr}}.
         lrs: keep only runs at these lrs (plan.LRS: the pre-registered grid); None keeps every run.
 
@@ -49,7 +49,7 @@ def accuracies(paths, chosen: dict | None = None, lrs=None) -> dict:
         The accuracies.
     """
     out = {}
-    for spec, results in load_runs(paths).items():
+    for spec, results in (paths if isinstance(paths, dict) else load_runs(paths)).items():
         task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more").removesuffix("-followup")
         fewshot = task.endswith("-fewshot")
         task = task.removesuffix("-fewshot")
@@ -277,16 +277,20 @@ def main(argv=None) -> int:
     parser.add_argument("--shift", type=Path, default=None, help="shift.json (python -m bench.vit.shift), for the premise per task")
     args = parser.parse_args(argv)
     excess = shift_overall(json.loads(args.shift.read_text())) if args.shift else None
-    chosen = {}
-    result = analyse(accuracies(args.runs, chosen, lrs=plan.LRS), excess, chosen)
-    wide = analyse(accuracies(args.runs))  # every lr logged, the grid's edges extended included
-    if wide["tables"] != result["tables"]:
-        result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "premise", "followup") if k in wide}
+    loaded, chosen = load_runs(args.runs), {}
+    acc = accuracies(loaded, chosen, lrs=plan.LRS)
+    result = analyse(acc, excess, chosen)
+    every_lr = accuracies(loaded)  # the grid's edges extended included
+    if every_lr != acc:  # only runs past the grid's edges make the two differ
+        wide = analyse(every_lr)
+        if wide["tables"] != result["tables"]:
+            result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "premise", "followup") if k in wide}
     args.out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
     (args.out / "suite.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    (args.out / "suite.md").write_text(markdown(result) + "\n")
+    (args.out / "suite.md").write_text(text + "\n")
     plot(result, args.out)
-    print(markdown(result))
+    print(text)
     return 0
 
 
