@@ -311,7 +311,12 @@ def test_the_report_keeps_the_registered_grid_and_adds_the_edge_extended_result(
     assert result["primary"]["baseline"] == "gaussian"  # the registered grid: the 3e-4 runs do not count
     assert result["edge_extended"]["primary"]["baseline"] == "default"
     assert result["edge_extended"]["primary"]["mean"] == pytest.approx(0.53 - 0.6, abs=0.01)
-    assert "With the lr grid extended past its edges" in (tmp_path / "out" / "suite.md").read_text()
+    moves = result["edge_extended"]["moves"]
+    assert set(moves) == {"default"} and moves["default"]["tried"] == 2 * len(plan.TASK_ORDER)
+    assert set(moves["default"]["moved"].values()) == {3e-4} and len(moves["default"]["moved"]) == 2 * len(plan.TASK_ORDER)
+    assert result["edge_extended"]["secondary"]["both"]["default"]["mean"] == pytest.approx(0.53 - 0.6, abs=0.01)
+    text = (tmp_path / "out" / "suite.md").read_text()
+    assert "With the lr grid extended past its edges" in text and "| default | 20 | 20 |" in text
 
 
 def test_the_committed_pretrained_vit_loads_as_its_record_says():
@@ -385,3 +390,11 @@ def test_read_shares_match_brute_force_on_small_matrices():
     assert shares["excess_read"] == pytest.approx(float((fine[4, 4] / fine.trace()) / (pre[4, 4] / pre.trace())))
     assert shares["excess_read"] == pytest.approx(float(2 * pre.trace() / (pre.trace() + pre[4, 4])))
     assert shares["fine_read"] == pytest.approx(float(fine[4, 4] / torch.linalg.eigvalsh(fine)[-1]))
+
+
+def test_every_spec_name_of_the_plan_maps_to_its_cell():
+    specs = plan.priority_specs() + plan.followup_specs()
+    for spec in specs:
+        task, fewshot = report.cell_of(spec.name)
+        assert task == spec.task_kwargs["suite"] and fewshot == spec.task_kwargs["fewshot"]
+    assert {s.name.split("-")[-1] for s in specs} >= {"more", "followup", "sizes", "fewshot"}

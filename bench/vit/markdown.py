@@ -107,8 +107,18 @@ def _markdown_more(result: dict) -> list:
         if "followup" in wide:
             lines.append(f"- follow-up `{wide['followup']['fixed']}` − {wide['followup']['vs_best_peft']['baseline']}: "
                          f"{_fmt(wide['followup']['vs_best_peft'])}")
+        if "secondary" in wide:
+            lines += [f"- fixed − {b}, confirmation half, both regimes: {_fmt(c)}, Holm p={c['p_holm']:.3f}"
+                      for b, c in wide["secondary"]["both"].items()]
         for half, comps in wide.get("premise", {}).items():
             lines += [f"- premise, {half}: " + "; ".join(f"{k} {_fmt(c)}" for k, c in comps.items())]
+        moves = wide.get("moves")
+        if moves:
+            lines += ["", "Cells that ran seed 0 one step past the edge they chose on the grid, and those whose choice "
+                      "moved there:", "", "| method | cells tried | moved | where |", "|---|---|---|---|"]
+            lines += [f"| {label} | {m['tried']} | {len(m['moved'])} | "
+                      + (", ".join(f"{cell} ({lr:g})" for cell, lr in m["moved"].items()) or "–") + " |"
+                      for label, m in moves.items()]
         lines.append("")
     choices = result.get("lr_choices")
     if choices:

@@ -37,6 +37,12 @@ PAIRS = {"cross(true) - self": (f"cntlora-cross@{plan.REF}", "cntlora-self"),
          "shift: true - isotropic": (f"cntlora-shift@{plan.REF}", "cntlora-shift@pretrain_source=isotropic")}
 
 
+def cell_of(spec: str) -> tuple:
+    """A run log's spec name ("vit-letters-fewshot-followup") -> its cell ("letters", True)."""
+    task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more").removesuffix("-followup")
+    return task.removesuffix("-fewshot"), task.endswith("-fewshot")
+
+
 def accuracies(paths, chosen: dict | None = None, lrs=None) -> dict:
     """{label: {(task, fewshot): {seed: test accuracy}}} at each label's chosen lr.
 
@@ -50,9 +56,7 @@ def accuracies(paths, chosen: dict | None = None, lrs=None) -> dict:
     """
     out = {}
     for spec, results in (paths if isinstance(paths, dict) else load_runs(paths)).items():
-        task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more").removesuffix("-followup")
-        fewshot = task.endswith("-fewshot")
-        task = task.removesuffix("-fewshot")
+        task, fewshot = cell_of(spec)
         by_label = {}
         for r in results["runs"]:
             if lrs is None or r["lr"] in lrs:
@@ -63,6 +67,27 @@ def accuracies(paths, chosen: dict | None = None, lrs=None) -> dict:
             if chosen is not None:
                 chosen.setdefault(label, {})[(task, fewshot)] = lr
     return out
+
+
+def edge_moves(loaded: dict, wide_chosen: dict) -> dict:
+    """Per label, the cells (task × regime, both halves) that ran an lr past the grid and those whose choice moved there.
+
+    Args:
+        loaded: quality.report.load_runs of the logs.
+        wide_chosen: the lrs accuracies(loaded, chosen) chose over every logged lr.
+
+    Returns:
+        {label: {"tried": cells with a seed-0 run off the grid, "moved": {"task/regime": the lr chosen}}}.
+    """
+    tried = {}
+    for spec, results in loaded.items():
+        for r in results["runs"]:
+            if r["seed"] == 0 and r["lr"] not in plan.LRS:
+                tried.setdefault(r["label"], set()).add(cell_of(spec))
+    return {label: {"tried": len(cells_), "moved": {f"{t}/{'fewshot' if f else '1k'}": wide_chosen[label][(t, f)]
+                                                    for t, f in sorted(cells_)
+                                                    if wide_chosen[label][(t, f)] not in plan.LRS}}
+            for label, cells_ in sorted(tried.items())}
 
 
 def lr_choices(chosen: dict) -> dict:
@@ -280,11 +305,14 @@ def main(argv=None) -> int:
     loaded, chosen = load_runs(args.runs), {}
     acc = accuracies(loaded, chosen, lrs=plan.LRS)
     result = analyse(acc, excess, chosen)
-    every_lr = accuracies(loaded)  # the grid's edges extended included
+    wide_chosen = {}
+    every_lr = accuracies(loaded, wide_chosen)  # the grid's edges extended included
     if every_lr != acc:  # only runs past the grid's edges make the two differ
         wide = analyse(every_lr)
         if wide["tables"] != result["tables"]:
-            result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "premise", "followup") if k in wide}
+            result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "secondary", "premise", "followup")
+                                       if k in wide}
+            result["edge_extended"]["moves"] = edge_moves(loaded, wide_chosen)
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     (args.out / "suite.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
