@@ -106,6 +106,22 @@ def test_init_jsonl_vas_and_inspect_ranks(workdir, capsys):
     assert "base=subspace" in stdout and "scale s=2" in stdout  # CNTLoRAConfig's alpha 8 over r 4
 
 
+def test_init_vas_by_input_shift_shows_each_layers_shift(workdir, capsys):
+    out = workdir / "adapter-vas-shift"
+    code, _, err = run_cli(capsys, "init", workdir / "model", workdir / "data.jsonl", "--out", out, "--r", 4, "--vas",
+                           "--vas-score", "shift", "--target-modules", "query,value", "dense", "--quiet")
+    assert code == 0, err
+    meta = json.loads((out / "cntlora.json").read_text())
+    assert meta["pretrain_source"] == "weights"  # no reference set: the weight proxy stands in for C_p
+    shifts = {n: d["input_shift"] for n, d in meta["layers"].items()}
+    assert all(s is not None and s > 0 for s in shifts.values())
+    code, stdout, err = run_cli(capsys, "inspect", out)
+    assert code == 0, err
+    header = next(line for line in stdout.splitlines() if line.startswith("layer "))
+    assert header.split()[-1] == "shift"
+    rows = {parts[0]: float(parts[-1]) for parts in map(str.split, stdout.splitlines()) if parts and parts[0] in shifts}
+    assert rows == pytest.approx({n: round(s, 2) for n, s in shifts.items()}, abs=0.006)
+
 @pytest.mark.parametrize("base", ["keep", "residual"])
 def test_export_loads_in_plain_peft_on_the_original_base(workdir, capsys, base):
     from peft import PeftModel

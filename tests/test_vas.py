@@ -205,3 +205,108 @@ def test_nested_names_get_their_own_ranks():
     # without VAS too: only the targeted '0' and '3' may get an adapter, not the nested '2.0'
     model = cntlora.initialize(sequential(), [x], CNTLoRAConfig(r=2), target_modules="0|3", progress=False)
     assert sorted(lora_ranks(model)) == ["0", "3"]
+
+
+# ---- the "shift" score: VAS ranks by how far each layer's inputs moved from pre-training ----
+
+def _shift_brute_force(c_f, c_p, k, ridge=1e-4):
+    """scipy's generalized symmetric eigensolver on the unit-trace moments."""
+    import numpy as np
+    import scipy.linalg
+
+    f = (c_f / torch.trace(c_f)).numpy()
+    p = (c_p / torch.trace(c_p)).numpy()
+    values = scipy.linalg.eigh(f, p + ridge / len(p) * np.eye(len(p)), eigvals_only=True)
+    return float(np.sort(values)[-k:].mean())
+
+
+def test_input_shift_matches_brute_force_and_ignores_scale():
+    from cntlora.decompose import input_shift
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((5, 1), (12, 3), (30, 8)):
+        x_f = torch.randn(200, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+        x_p = torch.randn(300, n, generator=g, dtype=torch.float64) * torch.linspace(3.0, 0.1, n, dtype=torch.float64)
+        c_f, c_p = x_f.T @ x_f / 200, x_p.T @ x_p / 300
+        value = input_shift(c_f, c_p, k)
+        assert value == pytest.approx(_shift_brute_force(c_f, c_p, k), rel=1e-8)
+        assert value > 2  # the fine-tuning energy sits where pre-training had little
+        assert input_shift(7 * c_f, 0.01 * c_p, k) == pytest.approx(value, rel=1e-10)
+        # one distribution against itself: every generalized eigenvalue is just under 1
+        assert input_shift(c_p, c_p, k) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(fine=torch.eye(3), pretrain=torch.eye(4), k=1), "n×n"),
+    (dict(fine=torch.eye(3), pretrain=torch.eye(3), k=4), "k <= n"),
+    (dict(fine=torch.zeros(3, 3), pretrain=torch.eye(3), k=1), "positive trace"),
+    (dict(fine=torch.eye(3), pretrain=torch.full((3, 3), float("nan")), k=1), "positive trace"),
+])
+def test_input_shift_refuses_bad_moments(bad, match):
+    from cntlora.decompose import input_shift
+
+    with pytest.raises(CNTLoRAError, match=match):
+        input_shift(**bad)
+
+
+def _shifted_mlp():
+    from helpers import TwoLayerMLP, capture_inputs, feature_batches
+
+    model = TwoLayerMLP()
+    fine, ref = feature_batches(seed=2, shift=0.7), feature_batches(seed=3, shift=-0.2)
+    stats = cntlora.collect_statistics(model, fine, ["fc1", "fc2"], reference_dataloader=ref, progress=False)
+    return model, stats, capture_inputs(model, ["fc1", "fc2"], fine), capture_inputs(model, ["fc1", "fc2"], ref)
+
+
+def test_shift_score_ranks_layers_by_energy_share_times_input_shift():
+    """The plan's ranks are the greedy allocation of σ²/||ΔW||² × the brute-force shift of raw inputs."""
+    from cntlora import AdvancedConfig
+
+    model, stats, raw_f, raw_p = _shifted_mlp()
+    budget, r = 60, 2
+    plans = {score: cntlora.solve(model, stats, CNTLoRAConfig(r=r, vas=True, budget=budget, pretrain_source="reference",
+                                                              advanced=AdvancedConfig(vas_score=score)))
+             for score in ("energy", "shift")}
+    energy, shifted = plans["energy"], plans["shift"]
+    brute = {}
+    for name in ("fc1", "fc2"):
+        x_f, x_p = raw_f[name].double(), raw_p[name].double()
+        brute[name] = _shift_brute_force(x_f.T @ x_f / len(x_f), x_p.T @ x_p / len(x_p), r)
+        assert shifted.layers[name].input_shift == pytest.approx(brute[name], rel=1e-6)
+        assert energy.layers[name].input_shift is None
+    lp = energy.layers  # Self's ΔW is the same under both scores: only the ranks may move
+    scores = {n: lp[n].singular_values.double() ** 2 / lp[n].delta_energy * brute[n] for n in lp}
+    costs = {n: lp[n].spec.out_features + lp[n].spec.in_features for n in lp}
+    expected = allocate_ranks(scores, costs, budget, 0, 2 * r)
+    assert {n: shifted.layers[n].rank for n in lp} == expected
+    assert expected != {n: lp[n].rank for n in lp}  # the case tells the two scores apart
+    assert "shift" in shifted.summary().splitlines()[0] and "shift" not in energy.summary().splitlines()[0]
+
+
+def test_shift_score_shares_an_inputs_value_and_needs_pre_training_statistics(tmp_path):
+    from cntlora import AdvancedConfig
+    from helpers import tiny_llama, token_batches
+
+    model = tiny_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    batches, ref = token_batches(seed=1), token_batches(seed=5)
+    stats = cntlora.collect_statistics(model, batches, targets, reference_dataloader=ref, progress=False)
+    adv = AdvancedConfig(vas_score="shift")
+    plan = cntlora.solve(model, stats, CNTLoRAConfig(r=2, vas=True, advanced=adv))  # the reference set, by default
+    assert plan.pretrain_source == "reference"
+    for block in ("model.layers.0", "model.layers.1"):
+        qkv = {plan.layers[f"{block}.self_attn.{p}"].input_shift for p in ("q_proj", "k_proj", "v_proj")}
+        assert len(qkv) == 1 and next(iter(qkv)) > 1  # one input, one shift
+    proxy = cntlora.solve(model, stats, CNTLoRAConfig(r=2, vas=True, pretrain_source="weights", advanced=adv))
+    q, k = (proxy.layers[f"model.layers.0.self_attn.{p}"].input_shift for p in ("q_proj", "k_proj"))
+    assert q != k  # the weight proxy's C_p comes from each layer's own W0
+    bare = cntlora.collect_statistics(model, batches, targets, progress=False)
+    with pytest.raises(CNTLoRAError, match="reference_dataloader"):
+        cntlora.solve(model, bare, CNTLoRAConfig(r=2, vas=True, pretrain_source="reference", advanced=adv))
+    # saved and loaded with the adapter
+    peft_model = cntlora.initialize(tiny_llama(), batches, CNTLoRAConfig(r=2, vas=True, advanced=adv),
+                                    target_modules=targets, reference_dataloader=ref, progress=False)
+    save_adapter(peft_model, tmp_path / "a")
+    again = load_adapter(tiny_llama(), tmp_path / "a").cntlora_plan
+    assert {n: lp.input_shift for n, lp in again.layers.items()} == {
+        n: lp.input_shift for n, lp in peft_model.cntlora_plan.layers.items()}

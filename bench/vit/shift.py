@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cntlora import collect_statistics
+from cntlora.decompose import input_shift
 
 from .model import load_pretrained, pixels
 from .suite import GROUPS, TASK_NAMES
@@ -36,7 +37,8 @@ CONTROL = "control"
 
 
 def excess(fine: torch.Tensor, pre: torch.Tensor, top: int = TOP, ridge: float = RIDGE) -> float:
-    """The mean of the `top` largest generalized eigenvalues of (C_f, C_p + δI), both at unit trace.
+    """The mean of the `top` largest generalized eigenvalues of (C_f, C_p + δI), both at unit trace
+    (cntlora.decompose.input_shift, which VAS's "shift" score uses).
 
     Args:
         fine: C_f, the fine-tuning inputs' d×d second moment.
@@ -47,13 +49,7 @@ def excess(fine: torch.Tensor, pre: torch.Tensor, top: int = TOP, ridge: float =
     Returns:
         The mean; 1 where the two agree, larger the more fine-tuning over-represents directions.
     """
-    f = fine.double() / fine.double().trace()
-    p = pre.double() / pre.double().trace()
-    d = p.shape[0]
-    chol = torch.linalg.cholesky(p + ridge / d * torch.eye(d, dtype=p.dtype))
-    half = torch.linalg.solve_triangular(chol, f, upper=False)
-    whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # L⁻¹ C_f L⁻ᵀ
-    return float(torch.linalg.eigvalsh((whitened + whitened.T) / 2)[-top:].mean())
+    return input_shift(fine, pre, top, ridge)
 
 
 def _batches(images: np.ndarray) -> list:

@@ -16,7 +16,7 @@ BASES = ("subspace", "residual", "keep")
 PRETRAIN_SOURCES = ("reference", "weights", "isotropic")
 SHIFT_ALIGNMENTS = ("diag", "full")
 SHIFT_FLOORS = ("trace", "max")
-VAS_SCORES = ("energy", "weight")
+VAS_SCORES = ("energy", "weight", "shift")
 DIRECTIONS = ("delta", "generalized")
 TRUNCATIONS = ("frobenius", "objective")
 
@@ -56,7 +56,10 @@ class AdvancedConfig:
         ("trace") or ridge·λ_max(C_f) ("max"); it bounds how far the alignment stretches
         low-variance directions.
     vas_score: what variable ranks (VAS) rank components by: "energy" (each component's share
-        of ΔW's energy) or "weight" (relative to the layer's ||W0||).
+        of ΔW's energy), "weight" (relative to the layer's ||W0||) or "shift" (the energy share
+        times how far the layer's inputs moved from pre-training's, decompose.input_shift, so
+        the budget goes to the layers whose inputs changed most; needs pre-training
+        statistics, from pretrain_source, in every mode).
     directions: where A's rows come from in subspace mode. "delta": the top right singular
         vectors of ΔW. "generalized": the top generalized eigenvectors of rhs·w = ρ·gram·w of
         the layer's system (Cross: C_f·w = ρ·(C_f + γC_p + λI)·w), the input directions where

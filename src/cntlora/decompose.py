@@ -186,6 +186,28 @@ def objective_truncation(delta: Tensor, chol: Tensor, k: int, seed: int = 0, ran
     return Spectrum(weighted.u, norms, rows * inv, weighted.energy, weighted.s.pow(2))
 
 
+def ritz_by_shape(ranges: Dict[str, tuple]) -> Dict[str, Spectrum]:
+    """The Ritz step of every randomized layer, one batched ritz_triplets call per shape.
+
+    Args:
+        ranges: {layer: (basis, projected, k)}, randomized_range's output and the rank wanted.
+
+    Returns:
+        {layer: its top-k Spectrum}, without ||ΔW||² (the caller adds it where it formed ΔW).
+    """
+    by_shape: Dict[tuple, list] = {}
+    for name, (basis, projected, _) in ranges.items():
+        by_shape.setdefault((tuple(basis.shape), tuple(projected.shape)), []).append(name)
+    out = {}
+    for names in by_shape.values():
+        u, s, v = ritz_triplets(torch.stack([ranges[n][0] for n in names]), torch.stack([ranges[n][1] for n in names]),
+                                max(ranges[n][2] for n in names))
+        for i, name in enumerate(names):
+            k = ranges[name][2]
+            out[name] = Spectrum(u[i, :, :k], s[i, :k], v[i, :, :k], None)
+    return out
+
+
 def ordered_basis(v: Tensor) -> Tensor:
     """Orthonormal columns spanning v's first 1, 2, ... columns (Gram–Schmidt order, signs kept)."""
     q, r = torch.linalg.qr(v)
@@ -271,13 +293,50 @@ def lora_factors(
     return b, a, cap
 
 
-def component_scores(spectrum: Spectrum, w0_norm: float, score: str) -> Tensor:
+def input_shift(fine: Tensor, pretrain: Tensor, k: int, ridge: float = 1e-4) -> float:
+    """How far a layer's inputs moved from pre-training: the mean of the k largest generalized
+    eigenvalues of (C_f, C_p + δI), with C_f and C_p scaled to unit trace and δ = ridge / n (a
+    share `ridge` of C_p's mean eigenvalue). Solved through C_p's Cholesky factor, no inverse.
+
+    Args:
+        fine: C_f, the fine-tuning inputs' n × n second moment.
+        pretrain: C_p, the pre-training inputs' n × n second moment (true, or a proxy).
+        k: how many of the largest eigenvalues to average (at most n).
+        ridge: δ as a share of C_p's mean eigenvalue.
+
+    Returns:
+        The mean: about 1 where the two distributions agree, larger the more energy fine-tuning
+        puts into directions pre-training seldom used.
+
+    Raises:
+        CNTLoRAError: shapes that differ, a k out of range, or a zero or non-finite moment.
+    """
+    n = fine.shape[0]
+    if fine.shape != (n, n) or pretrain.shape != (n, n) or not 1 <= k <= n:
+        raise CNTLoRAError(f"input_shift needs two n×n moments and 1 <= k <= n; got {tuple(fine.shape)}, "
+                           f"{tuple(pretrain.shape)} and k={k}")
+    f, p = fine.double(), pretrain.double()
+    traces = (float(torch.trace(f)), float(torch.trace(p)))
+    if not all(math.isfinite(t) and t > 0 for t in traces):
+        raise CNTLoRAError(f"input_shift needs moments with a finite, positive trace, got traces {traces}: "
+                           "were the layer's inputs all zero or non-finite?")
+    f, p = f / traces[0], p / traces[1]
+    chol = torch.linalg.cholesky(p + (ridge / n) * torch.eye(n, dtype=p.dtype, device=p.device))
+    half = torch.linalg.solve_triangular(chol, f, upper=False)  # L⁻¹·C_f
+    whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # L⁻¹·C_f·L⁻ᵀ
+    return float(_eigh((whitened + whitened.T) / 2)[0][-k:].mean())
+
+
+def component_scores(spectrum: Spectrum, w0_norm: float, score: str, shift: Optional[float] = None) -> Tensor:
     """Score of each singular component: its share of ΔW's energy (of the constraints' objective under
-    the objective truncation), or σ² / ||W0||²."""
-    if score == "energy" and spectrum.energy is None:
-        raise CNTLoRAError("the 'energy' VAS score needs ||ΔW||², which the implicit randomized path does not form")
-    if score == "energy":
-        return spectrum.component_energy / spectrum.energy if spectrum.energy > 0 else torch.zeros_like(spectrum.s)
+    the objective truncation), that share times the layer's input_shift ("shift"), or σ² / ||W0||²."""
+    if score in ("energy", "shift") and spectrum.energy is None:
+        raise CNTLoRAError(f"the {score!r} VAS score needs ||ΔW||², which the implicit randomized path does not form")
+    if score == "shift" and shift is None:
+        raise CNTLoRAError("the 'shift' VAS score needs each layer's input shift (pre-training statistics)")
+    if score in ("energy", "shift"):
+        share = spectrum.component_energy / spectrum.energy if spectrum.energy > 0 else torch.zeros_like(spectrum.s)
+        return share * shift if score == "shift" else share
     return spectrum.s.pow(2) / w0_norm**2 if w0_norm > 0 else torch.zeros_like(spectrum.s)
 
 

@@ -296,14 +296,15 @@ def solve_parts(model: nn.Module, parts, solver, how: str, release: bool):
             solver.stats_info = {**part.info, "bytes": bytes_seen}
         del part
     if how == "shared" and not sharded:
-        mine = (solver.specs, solver.spectra, solver.w0_norms, solver.timings, solver.source)
+        mine = (solver.specs, solver.spectra, solver.w0_norms, solver.shifts, solver.timings, solver.source)
         theirs = [None] * world if me == 0 else None
         _collective(lambda: dist.gather_object(mine, theirs, dst=0), "the solve (gathering the spectra)")
         if me == 0:
-            for specs, spectra, norms, timings, source in theirs[1:]:
+            for specs, spectra, norms, shifts, timings, source in theirs[1:]:
                 solver.specs.update(specs)
                 solver.spectra.update(spectra)
                 solver.w0_norms.update(norms)
+                solver.shifts.update(shifts)
                 solver.source = solver.source if source is None else source
                 for phase, seconds in timings.items():  # the ranks solve side by side: the slowest one's time
                     solver.timings[phase] = max(solver.timings[phase], seconds)

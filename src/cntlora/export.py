@@ -95,6 +95,7 @@ def _metadata(plan: Plan) -> dict:
                 "delta_energy": lp.delta_energy,
                 "w0_norm": lp.w0_norm,
                 "cap": lp.cap,
+                "input_shift": lp.input_shift,
             }
             for n, lp in plan.layers.items()
         },
@@ -116,7 +117,8 @@ def _plan_from_folder(meta: dict, factors: Dict[str, torch.Tensor]) -> Plan:
         b = factors[f"{name}.B"] if rank > 0 else torch.zeros(spec.out_features, 0)
         a = factors[f"{name}.A"] if rank > 0 else torch.zeros(0, spec.in_features)
         singular_values = torch.tensor(d["singular_values"], dtype=torch.float64)
-        layers[name] = LayerPlan(name, spec, rank, b, a, singular_values, d["delta_energy"], d["w0_norm"], d["cap"])
+        layers[name] = LayerPlan(name, spec, rank, b, a, singular_values, d["delta_energy"], d["w0_norm"], d["cap"],
+                                 d.get("input_shift"))
     return Plan(config, layers, meta["pretrain_source"], meta["budget"], {}, base_digest=dict(meta.get("base_digest") or {}))
 
 

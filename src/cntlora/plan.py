@@ -19,7 +19,8 @@ from .clock import PhaseClock, synchronize  # noqa: F401  (synchronize: the benc
 from . import distributed as dist
 from .config import CNTLoRAConfig, CNTLoRAError
 from .decompose import (DEFAULT_A_ROW_NORM, DenseProducts, Spectrum, allocate_ranks, component_scores,
-                        generalized_directions, lora_factors, objective_truncation, randomized_range, ritz_triplets, top_singular)
+                        generalized_directions, input_shift, lora_factors, objective_truncation, randomized_range, ritz_by_shape,
+                        top_singular)
 from .layers import LayerSpec, base_layer, check_finite_weights, weight_matrix
 from .solver import mode_constraints, needs_pretrain, normal_equations, pretrain_moments
 from .statistics import Statistics
@@ -36,6 +37,7 @@ class LayerPlan:
     delta_energy: Optional[float]  # ||ΔW||_F² (||ΔW·chol||_F²); None when ΔW was only used implicitly
     w0_norm: float
     cap: float  # trust-region factor applied to ΔW_r (1 = none)
+    input_shift: Optional[float] = None  # decompose.input_shift of the layer's inputs, under the "shift" VAS score
 
     @property
     def params(self) -> int:
@@ -90,15 +92,19 @@ class Plan:
         return sum(lp.params for lp in self.layers.values())
 
     def summary(self) -> str:
-        """A per-layer table: shape, rank, captured energy share, parameters; totals vs the budget."""
+        """A per-layer table: shape, rank, captured energy share, parameters (and input shift under the
+        "shift" VAS score); totals vs the budget."""
         name_w = max([len("layer")] + [len(n) for n in self.layers])
-        lines = [f"{'layer':<{name_w}}  {'shape':>11}  {'rank':>4}  {'energy':>6}  {'|ΔW|/|W0|':>9}  {'params':>9}"]
+        shifts = any(lp.input_shift is not None for lp in self.layers.values())
+        lines = [f"{'layer':<{name_w}}  {'shape':>11}  {'rank':>4}  {'energy':>6}  {'|ΔW|/|W0|':>9}  {'params':>9}"
+                 + ("  shift" if shifts else "")]
         for n, lp in self.layers.items():
             shape = f"{lp.spec.out_features}x{lp.spec.in_features}"
             known = lp.delta_energy is not None and lp.w0_norm > 0
             rel = f"{math.sqrt(lp.delta_energy) / lp.w0_norm:.3f}" if known else "–"
             share = f"{lp.energy_share:.1%}" if lp.delta_energy is not None else "–"
-            lines.append(f"{n:<{name_w}}  {shape:>11}  {lp.rank:>4}  {share:>6}  {rel:>9}  {lp.params:>9,}")
+            lines.append(f"{n:<{name_w}}  {shape:>11}  {lp.rank:>4}  {share:>6}  {rel:>9}  {lp.params:>9,}"
+                         + (f"  {lp.input_shift:5.2f}" if lp.input_shift is not None else ""))
         c = self.config
         lines.append(
             f"total: {len(self.adapted)}/{len(self.layers)} layers adapted, {self.params:,} parameters "
@@ -203,21 +209,6 @@ def _share_transfer(stats: Statistics, group: str) -> bool:
     return sum(s.out_features for s in members) >= n
 
 
-def _ritz_by_shape(ranges: Dict[str, tuple]) -> Dict[str, Spectrum]:
-    """The Ritz step of every randomized layer ((basis, projected, k) each), one batched call per shape."""
-    by_shape: Dict[tuple, List[str]] = {}
-    for name, (basis, projected, _) in ranges.items():
-        by_shape.setdefault((tuple(basis.shape), tuple(projected.shape)), []).append(name)
-    out = {}
-    for names in by_shape.values():
-        u, s, v = ritz_triplets(torch.stack([ranges[n][0] for n in names]), torch.stack([ranges[n][1] for n in names]),
-                                max(ranges[n][2] for n in names))
-        for i, name in enumerate(names):
-            k = ranges[name][2]
-            out[name] = Spectrum(u[i, :, :k], s[i, :k], v[i, :, :k], None)
-    return out
-
-
 class _Solver:
     """The per-layer solve and decomposition of the parts seen so far, then the plan."""
 
@@ -228,11 +219,12 @@ class _Solver:
         self.specs: Dict[str, LayerSpec] = {}
         self.spectra: Dict[str, Spectrum] = {}
         self.w0_norms: Dict[str, float] = {}
+        self.shifts: Dict[str, float] = {}  # input_shift per layer, for the "shift" VAS score
         self.timings = {"solve": 0.0, "decompose": 0.0}
         self.stats_info: dict = {"bytes": 0}
 
     def _pretrain_source(self, stats: Statistics) -> Optional[str]:
-        if not needs_pretrain(self.constraints):
+        if not (needs_pretrain(self.constraints) or (self.config.vas and self.config.advanced.vas_score == "shift")):
             return None
         source = self.config.pretrain_source or ("reference" if stats.reference is not None else "weights")
         if source == "reference" and stats.reference is None:
@@ -258,8 +250,9 @@ class _Solver:
                     f"({s.out_features}×{s.in_features}); lower r or leave that layer out"
                 )
         self.stats_info = {**stats.info, "bytes": self.stats_info["bytes"] + stats.nbytes()}
-        spectra, w0_norms, timings = _layer_spectra(modules, stats, config, source, self.constraints, self.progress,
-                                                    release)
+        spectra, w0_norms, shifts, timings = _layer_spectra(modules, stats, config, source, self.constraints,
+                                                            self.progress, release)
+        self.shifts.update(shifts)
         self.specs.update(stats.layers)
         self.spectra.update(spectra)
         self.w0_norms.update(w0_norms)
@@ -276,7 +269,8 @@ class _Solver:
         spectra, w0_norms = self.spectra, self.w0_norms
         budget = config.budget or sum(config.r * (s.out_features + s.in_features) for s in specs.values())
         if config.vas:
-            scores = {n: component_scores(spectra[n], w0_norms[n], config.advanced.vas_score) for n in specs}
+            scores = {n: component_scores(spectra[n], w0_norms[n], config.advanced.vas_score, self.shifts.get(n))
+                      for n in specs}
             costs = {n: s.out_features + s.in_features for n, s in specs.items()}
             ranks = allocate_ranks(scores, costs, budget, config.r_min, config.max_rank)
         else:
@@ -295,7 +289,7 @@ class _Solver:
                 a = torch.zeros(0, spec.in_features, dtype=torch.float64)
                 cap = 1.0
             layers[name] = LayerPlan(name, spec, ranks[name], b.float(), a.float(), sp.sigma,
-                                     sp.energy, w0_norms[name], cap)
+                                     sp.energy, w0_norms[name], cap, self.shifts.get(name))
         timings = dict(self.timings)
         timings["decompose"] += time.perf_counter() - t0
         return Plan(config, layers, self.source, budget, timings, self.stats_info)
@@ -311,7 +305,8 @@ def _model_order(model: nn.Module) -> Dict[str, int]:
 
 def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNTLoRAConfig, source: Optional[str],
                    constraints, progress: bool, release: bool):
-    """({layer: Spectrum on the CPU}, {layer: ||W0||}, {phase: seconds}) of the layers of `stats`."""
+    """({layer: Spectrum on the CPU}, {layer: ||W0||}, {layer: input_shift, for the "shift" VAS score},
+    {phase: seconds}) of the layers of `stats`."""
     spectra: Dict[str, Spectrum] = {}
     ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected, k), their Ritz step batched by shape below
     energies: Dict[str, torch.Tensor] = {}  # ||ΔW||² of the randomized layers that form ΔW
@@ -324,9 +319,12 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     # (a Cholesky factorization plus O((m + n)·n·k) instead of O(m·n²)). On GPUs the triangular
     # solves are latency-bound (1.9 s for a 1B model on an H200, against 0.3 s for forming every
     # ΔW), so ΔW is formed there, and so it is for the "energy" VAS score and the objective truncation.
-    implicit_allowed = (device.type == "cpu" and not (config.vas and config.advanced.vas_score == "energy")
+    implicit_allowed = (device.type == "cpu" and not (config.vas and config.advanced.vas_score != "weight")
                         and config.advanced.truncation == "frobenius")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
+    shifts: Dict[str, float] = {}
+    shift_source = source if config.vas and adv.vas_score == "shift" else None
+    source = source if needs_pretrain(constraints) else None  # the system's own (Self has none)
     # the last layer of each input: after it, release=True drops that input's sums
     last_of_group = {stats.groups[n]: n for n in stats.layers}
     # Nothing in this loop reads a GPU value back (only a group's first system does).
@@ -347,6 +345,12 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
             system = cached["system"]
         else:
             cached, system = None, _system(stats, name, source, w0, constraints, config.ridge)
+        key = name if shift_source == "weights" else group  # a proxy C_p depends on W0: one per layer
+        if shift_source and key not in shifts:  # from the sums, before they are released
+            fine = stats.moments(name, device=device)
+            ref = stats.moments(name, "reference", device=device) if shift_source == "reference" else None
+            pre = pretrain_moments(shift_source, fine, w0, ref)
+            shifts[key] = input_shift(fine.second, pre.second, min(config.r, spec.in_features))
         if release and last_of_group[group] == name:  # the system holds what it needs of the sums
             for sets in (stats.fine, stats.reference or {}):
                 sets.pop(group, None)
@@ -382,7 +386,7 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
         del products, system
         clock.mark("decompose")
     group_cache.clear()
-    spectra.update(_ritz_by_shape(ranges))
+    spectra.update(ritz_by_shape(ranges))
     clock.mark("decompose")
     # the first wait for the device since the loop began: every spectrum moves to the host, where
     # the factors are built (they end there); norms and energies come back in one transfer each
@@ -392,4 +396,5 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     for name, sp in spectra.items():
         spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), energies.get(name, sp.energy),
                                  None if sp.gains is None else sp.gains.cpu())
-    return spectra, w0_norms, clock.totals()
+    shifts = {n: shifts[n if shift_source == "weights" else stats.groups[n]] for n in stats.layers} if shifts else {}
+    return spectra, w0_norms, shifts, clock.totals()

@@ -110,10 +110,15 @@ def run(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
     width = max([5] + [len(n) for n in layers])
-    print(f"{'layer':<{width}}  {'shape':>11}  {'rank':>4}  {'params':>9}")
+    # the input shift behind each rank, when VAS ranked by it (vas_score "shift")
+    shifts = {n: d.get("input_shift") for n, d in meta["layers"].items()} if meta is not None else {}
+    shown = any(isinstance(v, (int, float)) for v in shifts.values())
+    print(f"{'layer':<{width}}  {'shape':>11}  {'rank':>4}  {'params':>9}" + ("  shift" if shown else ""))
     for name, l in layers.items():
+        shift = shifts.get(name)
         print(f"{name:<{width}}  {str(l['out']) + 'x' + str(l['in']):>11}  {l['rank']:>4}  "
-              f"{l['rank'] * (l['out'] + l['in']):>9,}")
+              f"{l['rank'] * (l['out'] + l['in']):>9,}"
+              + ((f"  {shift:5.2f}" if isinstance(shift, (int, float)) else "      –") if shown else ""))
     r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
     rslora = peft_config.get("use_rslora", False)
     scale = meta["scale"] if meta else alpha / (math.sqrt(r) if rslora else r)
