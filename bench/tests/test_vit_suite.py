@@ -174,6 +174,16 @@ def test_report_applies_the_rule_and_its_intervals(tmp_path):
     assert result["followup"]["vs_best_peft"]["baseline"] == "gaussian"
     assert result["followup"]["vs_fixed"]["mean"] == pytest.approx(0.07, abs=0.01)
     assert "Follow-up" in report.markdown(result)
+    # the layers study: its own rule, and each label against its "energy" twin on both halves
+    shifted, twin = plan.LAYERS[0], plan.TWINS[plan.LAYERS[0]]
+    accs.update({(label, t, f): {s: base + 0.01 * rng.standard_normal() for s in plan.SEEDS}
+                 for label, base in ((shifted, 0.55), (twin, 0.52)) for t in plan.TASK_ORDER for f in (False, True)})
+    _log(tmp_path / "runs.jsonl", accs)
+    result = report.analyse(report.accuracies([tmp_path / "runs.jsonl"]))
+    assert result["fixed"] == f"cntlora-cross@{plan.REF}" and result["followup"]["fixed"] == follow
+    assert result["layers"]["fixed"] == shifted
+    assert result["layers"]["vs_twin"]["dev"][f"{shifted} − {twin}"]["mean"] == pytest.approx(0.03, abs=0.01)
+    assert "Which layers: VAS ranks by input shift" in report.markdown(result)
     out = report.plot(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in out)
 
@@ -278,6 +288,18 @@ def test_the_follow_up_runs_its_labels_once_per_cell_development_first(tiny_suit
         base = label.split("base=")[1].split(",")[0] if "base=" in label else "subspace"
         assert model.cntlora_plan.config.base == base
         assert model.cntlora_plan.config.pretrain_source == ("reference" if plan.REF in label else None)
+
+
+def test_the_layers_study_runs_shift_ranked_vas_against_its_twins(tiny_suite):
+    specs = plan.study_specs("layers")
+    assert all(s.name.endswith("-layers") and s.methods == plan.LAYERS for s in specs) and len(specs) == 20
+    assert not set(plan.LAYERS) & set(plan.DEV_LABELS + plan.FOLLOWUP)
+    assert set(plan.TWINS) == set(plan.LAYERS) and set(plan.TWINS.values()) <= set(plan.DEV_LABELS)
+    task = vit_task("rotation", model=_tiny_vit(), path=tiny_suite)
+    for label in plan.LAYERS:  # every label initializes, ranks by the true sample's shift, and keeps the budget
+        plan_ = init_model(task, label, 0, torch.device("cpu"))[0].cntlora_plan
+        assert plan_.config.advanced.vas_score == "shift" and plan_.pretrain_source == "reference"
+        assert all(lp.input_shift > 0 for lp in plan_.layers.values()) and plan_.params <= plan_.budget
 
 
 def test_edge_specs_extend_only_the_labels_at_an_edge_one_step():
@@ -393,8 +415,8 @@ def test_read_shares_match_brute_force_on_small_matrices():
 
 
 def test_every_spec_name_of_the_plan_maps_to_its_cell():
-    specs = plan.priority_specs() + plan.followup_specs()
+    specs = plan.priority_specs() + [spec for study in plan.STUDIES for spec in plan.study_specs(study)]
     for spec in specs:
         task, fewshot = report.cell_of(spec.name)
         assert task == spec.task_kwargs["suite"] and fewshot == spec.task_kwargs["fewshot"]
-    assert {s.name.split("-")[-1] for s in specs} >= {"more", "followup", "sizes", "fewshot"}
+    assert {s.name.split("-")[-1] for s in specs} >= {"more", "followup", "layers", "sizes", "fewshot"}

@@ -2,6 +2,7 @@
 # record its digest and package versions, check CorDA on CUDA, then resume the plan within the call.
 #   bash bench/vit/device_call.sh            # the main plan (both halves, the size sweep)
 #   bash bench/vit/device_call.sh followup   # the follow-up (PREREGISTRATION.md)
+#   bash bench/vit/device_call.sh layers     # which layers: VAS ranks by input shift (PREREGISTRATION.md)
 #   bash bench/vit/device_call.sh edges      # every label's grid one step past the edge it chose, and anything missing
 HALF=${1:-both}
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

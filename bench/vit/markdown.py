@@ -5,6 +5,10 @@ from __future__ import annotations
 from . import plan
 
 
+STUDY_TITLES = {"followup": "Follow-up: the start's function and scale",
+                "layers": "Which layers: VAS ranks by input shift"}  # plan.STUDIES, as PREREGISTRATION.md names them
+
+
 def _fmt(c) -> str:
     if not c:
         return "not run"
@@ -41,14 +45,18 @@ def markdown(result: dict) -> str:
         for regime, family in result["secondary"].items():
             lines += [f"Against every PEFT init, confirmation half, {regime} (Holm over 7):", ""]
             lines += [f"- {b}: {_fmt(c)}, Holm p={c['p_holm']:.3f}" for b, c in family.items()] + [""]
-    if "followup" in result:
-        f = result["followup"]
-        lines += ["## Follow-up: the start's function and scale", "",
-                  f"Its fixed setting (best follow-up label on the development half): `{f['fixed']}`.", "",
+    for study, title in STUDY_TITLES.items():
+        if study not in result:
+            continue
+        f = result[study]
+        lines += [f"## {title}", "",
+                  f"Its fixed setting (best of its labels on the development half): `{f['fixed']}`.", "",
                   f"- confirmation half, both regimes: − {f['vs_best_peft']['baseline']} (best PEFT init there) = "
                   f"{_fmt(f['vs_best_peft'])}"]
         if "vs_fixed" in f:
             lines.append(f"- − {f['vs_fixed']['baseline']} (the main fixed setting) = {_fmt(f['vs_fixed'])}")
+        for half, comps in f.get("vs_twin", {}).items():
+            lines += [f"- {half} half: {name} = {_fmt(c)}" for name, c in comps.items()]
         lines.append("")
     for half, comps in result.get("premise", {}).items():
         lines += [f"## Premise, {half} half (both regimes)", ""] + [f"- {k}: {_fmt(c)}" for k, c in comps.items()] + [""]
@@ -104,9 +112,10 @@ def _markdown_more(result: dict) -> list:
                   f"- fixed setting: `{wide.get('fixed')}`"]
         if "primary" in wide:
             lines.append(f"- primary, fixed − {wide['primary']['baseline']}: {_fmt(wide['primary'])}")
-        if "followup" in wide:
-            lines.append(f"- follow-up `{wide['followup']['fixed']}` − {wide['followup']['vs_best_peft']['baseline']}: "
-                         f"{_fmt(wide['followup']['vs_best_peft'])}")
+        for study in STUDY_TITLES:
+            if study in wide:
+                lines.append(f"- {study} `{wide[study]['fixed']}` − {wide[study]['vs_best_peft']['baseline']}: "
+                             f"{_fmt(wide[study]['vs_best_peft'])}")
         if "secondary" in wide:
             lines += [f"- fixed − {b}, confirmation half, both regimes: {_fmt(c)}, Holm p={c['p_holm']:.3f}"
                       for b, c in wide["secondary"]["both"].items()]

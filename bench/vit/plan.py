@@ -36,6 +36,12 @@ DEV_LABELS = PEFT_METHODS + PREMISE + [
 # directions, and those moved accuracy little; these starts change the function at step 0 or A's scale
 FOLLOWUP = ["cntlora-self@base=residual,strength=None", f"cntlora-cross@{REF},base=residual,strength=None",
             f"cntlora-shift@{REF},base=keep", "cntlora-self@a_row_norm=1"]
+# which layers (PREREGISTRATION.md, "Which layers: VAS ranks by input shift"): the rank budget goes to the layers
+# whose inputs moved most from pre-training (vas_score="shift", true C_p); each is compared with its "energy" twin
+LAYERS = [f"cntlora-self-vas@{REF},vas_score=shift", f"cntlora-cross-vas@{REF},vas_score=shift"]
+TWINS = {LAYERS[0]: "cntlora-self-vas", LAYERS[1]: f"cntlora-cross-vas@{REF}"}
+# the studies after the main plan, each with its own rule (PREREGISTRATION.md); its specs carry its name as a suffix
+STUDIES = {"followup": FOLLOWUP, "layers": LAYERS}
 EDGE = {min(LRS): 3e-4, max(LRS): 3e-2}  # one step past each end of the grid (PREREGISTRATION.md, "Learning-rate edges")
 SIZES = (64, 256, 1024)  # smaller true samples, for the accuracy-against-sample-size plot
 # the order of a run of both halves together (PREREGISTRATION.md, "One call for both halves"): the PEFT inits
@@ -93,20 +99,29 @@ def priority_specs(sizes=SIZES) -> list:
     return out
 
 
-def followup_specs() -> list:
-    """The follow-up's runs: its labels on the development half, then on the confirmation half.
+def study_specs(study: str) -> list:
+    """A study's runs (STUDIES): its labels on the development half, then on the confirmation half.
 
-    The spec names carry a "-followup" suffix (run_many needs one name per lr-selecting spec).
+    The spec names carry the study's name as a suffix, e.g. "-followup" (run_many needs one name
+    per lr-selecting spec).
+
+    Args:
+        study: a key of STUDIES.
 
     Returns:
         The specs, in run order.
     """
     out = []
     for tasks in (DEV, CONFIRM):
-        for spec in specs(tasks, FOLLOWUP):
-            spec.name += "-followup"
+        for spec in specs(tasks, STUDIES[study]):
+            spec.name += f"-{study}"
             out.append(spec)
     return out
+
+
+def followup_specs() -> list:
+    """The follow-up's runs (study_specs("followup"))."""
+    return study_specs("followup")
 
 
 def edge_specs(chosen: dict) -> list:

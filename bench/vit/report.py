@@ -39,7 +39,9 @@ PAIRS = {"cross(true) - self": (f"cntlora-cross@{plan.REF}", "cntlora-self"),
 
 def cell_of(spec: str) -> tuple:
     """A run log's spec name ("vit-letters-fewshot-followup") -> its cell ("letters", True)."""
-    task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more").removesuffix("-followup")
+    task = spec.removeprefix("vit-").removesuffix("-sizes").removesuffix("-more")
+    for study in plan.STUDIES:
+        task = task.removesuffix(f"-{study}")
     return task.removesuffix("-fewshot"), task.endswith("-fewshot")
 
 
@@ -159,7 +161,8 @@ def incomplete(acc, tasks) -> dict:
     """{label: [scores held, scores planned]} for the plan's labels (and the follow-up's, once any has run) that
     miss a cell or seed on these tasks."""
     planned = len(cells(tasks)) * len(plan.SEEDS)
-    planned_labels = plan.DEV_LABELS + (plan.FOLLOWUP if any(label in acc for label in plan.FOLLOWUP) else [])
+    planned_labels = plan.DEV_LABELS + [label for labels in plan.STUDIES.values() if any(x in acc for x in labels)
+                                        for label in labels]
     held = {label: sum(len(set(acc.get(label, {}).get(c, {})) & set(plan.SEEDS)) for c in cells(tasks))
             for label in planned_labels}
     return {label: [n, planned] for label, n in held.items() if n < planned}
@@ -269,12 +272,18 @@ def analyse(acc: dict, excess: dict | None = None, chosen: dict | None = None) -
             adjusted = holm({b: c["p"] for b, c in family.items()})
             secondary[regime] = {b: {**c, "p_holm": adjusted[b]} for b, c in family.items()}
         out["secondary"] = secondary
-    follow = [label for label in dev if label in plan.FOLLOWUP and label in conf]
-    if follow and peft:  # the follow-up's own rule (PREREGISTRATION.md), applied the same way
-        out["followup"] = {"fixed": follow[0], "vs_best_peft": {"baseline": peft[0],
-                                                                 **compare(acc, follow[0], peft[0], cells(plan.CONFIRM))}}
+    for study, labels in plan.STUDIES.items():  # each study's own rule (PREREGISTRATION.md), applied the same way
+        follow = [label for label in dev if label in labels and label in conf]
+        if not (follow and peft):
+            continue
+        out[study] = {"fixed": follow[0], "vs_best_peft": {"baseline": peft[0],
+                                                            **compare(acc, follow[0], peft[0], cells(plan.CONFIRM))}}
         if fixed:
-            out["followup"]["vs_fixed"] = {"baseline": fixed, **compare(acc, follow[0], fixed, cells(plan.CONFIRM))}
+            out[study]["vs_fixed"] = {"baseline": fixed, **compare(acc, follow[0], fixed, cells(plan.CONFIRM))}
+        twins = {label: plan.TWINS[label] for label in labels if label in plan.TWINS}
+        if twins:  # each label against the setting it changes, on both halves
+            out[study]["vs_twin"] = {half: {f"{label} − {twin}": compare(acc, label, twin, cells(tasks))
+                                            for label, twin in twins.items()} for half, tasks in halves.items()}
     for half, tasks in halves.items():
         out["premise"][half] = {name: compare(acc, a, b, cells(tasks)) for name, (a, b) in PAIRS.items()}
     out["sizes"] = size_sweep(acc)
@@ -310,7 +319,7 @@ def main(argv=None) -> int:
     if every_lr != acc:  # only runs past the grid's edges make the two differ
         wide = analyse(every_lr)
         if wide["tables"] != result["tables"]:
-            result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "secondary", "premise", "followup")
+            result["edge_extended"] = {k: wide[k] for k in ("fixed", "primary", "secondary", "premise", *plan.STUDIES)
                                        if k in wide}
             result["edge_extended"]["moves"] = edge_moves(loaded, wide_chosen)
     args.out.mkdir(parents=True, exist_ok=True)

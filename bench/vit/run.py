@@ -5,6 +5,7 @@
     python -m bench.vit.run both --out OUT             # both halves in one call, most needed first (plan.priority_specs)
     python -m bench.vit.run both --out OUT --resume bench/results/vit/runs*.jsonl.xz   # only what no log holds
     python -m bench.vit.run followup --out OUT --resume bench/results/vit/runs*.jsonl.xz   # plan.FOLLOWUP, both halves
+    python -m bench.vit.run layers --out OUT --resume bench/results/vit/runs*.jsonl.xz     # plan.LAYERS, both halves
     python -m bench.vit.run edges --out OUT --resume bench/results/vit/runs*.jsonl.xz   # past each lr edge chosen
 """
 
@@ -22,7 +23,7 @@ from . import plan
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("half", choices=("dev", "confirm", "both", "followup", "edges"))
+    parser.add_argument("half", choices=("dev", "confirm", "both", *plan.STUDIES, "edges"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--labels", nargs="+", default=None, help="method labels (default: the half's plan)")
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     elif args.half == "both":
         specs = plan.priority_specs(plan.SIZES if args.sizes else ())
         tasks, labels = plan.TASK_ORDER, plan.DEV_LABELS
-    elif args.half == "followup":
-        specs, tasks, labels = plan.followup_specs(), plan.TASK_ORDER, plan.FOLLOWUP
+    elif args.half in plan.STUDIES:
+        specs, tasks, labels = plan.study_specs(args.half), plan.TASK_ORDER, plan.STUDIES[args.half]
     else:
         specs = plan.specs(tasks, labels, tuple(r == "fewshot" for r in args.regimes), plan.SIZES if args.sizes else ())
     done = {name: results["runs"] for name, results in load_runs(args.resume).items()} if args.resume else None
