@@ -81,7 +81,9 @@ def add_parser(subparsers, common) -> None:
     a.add_argument("--shift-alignment", choices=SHIFT_ALIGNMENTS, default=adv.shift_alignment)
     a.add_argument("--shift-floor", choices=SHIFT_FLOORS, default=adv.shift_floor,
                    help="Shift's eigenvalue floor: ridge·tr(C_f)/n (trace) or ridge·λ_max(C_f) (max)")
-    a.add_argument("--vas-score", choices=VAS_SCORES, default=adv.vas_score)
+    a.add_argument("--vas-score", choices=VAS_SCORES, default=adv.vas_score,
+                   help="what VAS ranks components by: their share of ΔW's energy (energy), σ²/||W0||² (weight), "
+                        "or the share times how far the layer's inputs moved from pre-training (shift; give --reference)")
     a.add_argument("--directions", choices=DIRECTIONS, default=adv.directions,
                    help="A's directions in subspace mode: ΔW's singular vectors (delta) or the system's "
                         "generalized eigenvectors (generalized; Self or Cross, no VAS)")
