@@ -327,7 +327,7 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     source = source if needs_pretrain(constraints) else None  # the system's own (Self has none)
     # the last layer of each input: after it, release=True drops that input's sums
     last_of_group = {stats.groups[n]: n for n in stats.layers}
-    # Nothing in this loop reads a GPU value back (only a group's first system does).
+    # Nothing in this loop reads a GPU value back (only a group's first system does, and input_shift).
     check_finite_weights({n: modules[n] for n in stats.layers})
     for name in tqdm(stats.layers, desc="solve", disable=not progress, leave=False):
         spec = stats.layers[name]
