@@ -420,3 +420,21 @@ def test_every_spec_name_of_the_plan_maps_to_its_cell():
         task, fewshot = report.cell_of(spec.name)
         assert task == spec.task_kwargs["suite"] and fewshot == spec.task_kwargs["fewshot"]
     assert {s.name.split("-")[-1] for s in specs} >= {"more", "followup", "layers", "sizes", "fewshot"}
+
+
+def test_the_layers_allocation_report_keeps_each_budget_and_draws_it(tiny_suite, tmp_path):
+    from bench.vit import layers
+
+    results = layers.allocations(("rotation",), path=tiny_suite, model_fn=_tiny_vit)
+    labels = list(results["rotation"])
+    assert labels == [x for label in plan.LAYERS for x in (plan.TWINS[label], label)]
+    for label, allocation in results["rotation"].items():
+        shifted = "vas_score=shift" in label
+        assert all((d["shift"] is not None) == shifted for d in allocation.values())
+        assert sum(d["rank"] for d in allocation.values()) > 0
+    kinds = layers.by_kind(results["rotation"][labels[0]])
+    assert sum(len(v) for v in kinds.values()) == len(results["rotation"][labels[0]])
+    written = layers.write(results, tmp_path)
+    assert all(p.stat().st_size > 0 for p in written)
+    text = (tmp_path / "layers.md").read_text()
+    assert all(f"| rotation | {label} |" in text for label in labels)
