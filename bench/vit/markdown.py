@@ -6,7 +6,7 @@ from . import plan
 
 
 STUDY_TITLES = {"followup": "Follow-up: the start's function and scale",
-                "layers": "Which layers: VAS ranks by input shift"}  # plan.STUDIES, as PREREGISTRATION.md names them
+                "layers": "Which layers: VAS ranks by input shift"}  # plan.STUDIES' section titles, as PREREGISTRATION.md names them
 
 
 def _fmt(c) -> str:
@@ -45,11 +45,11 @@ def markdown(result: dict) -> str:
         for regime, family in result["secondary"].items():
             lines += [f"Against every PEFT init, confirmation half, {regime} (Holm over 7):", ""]
             lines += [f"- {b}: {_fmt(c)}, Holm p={c['p_holm']:.3f}" for b, c in family.items()] + [""]
-    for study, title in STUDY_TITLES.items():
+    for study in plan.STUDIES:
         if study not in result:
             continue
         f = result[study]
-        lines += [f"## {title}", "",
+        lines += [f"## {STUDY_TITLES.get(study, study)}", "",
                   f"Its fixed setting (best of its labels on the development half): `{f['fixed']}`.", "",
                   f"- confirmation half, both regimes: − {f['vs_best_peft']['baseline']} (best PEFT init there) = "
                   f"{_fmt(f['vs_best_peft'])}"]
@@ -112,7 +112,7 @@ def _markdown_more(result: dict) -> list:
                   f"- fixed setting: `{wide.get('fixed')}`"]
         if "primary" in wide:
             lines.append(f"- primary, fixed − {wide['primary']['baseline']}: {_fmt(wide['primary'])}")
-        for study in STUDY_TITLES:
+        for study in plan.STUDIES:
             if study in wide:
                 lines.append(f"- {study} `{wide[study]['fixed']}` − {wide[study]['vs_best_peft']['baseline']}: "
                              f"{_fmt(wide[study]['vs_best_peft'])}")

@@ -215,6 +215,14 @@ def ordered_basis(v: Tensor) -> Tensor:
     return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
+def _whitened(sym: Tensor, chol: Tensor) -> Tensor:
+    """chol⁻¹·sym·chol⁻ᵀ for a symmetric `sym` and a lower Cholesky factor, by triangular solves,
+    symmetrized against rounding: its eigenvalues are the generalized ones of (sym, chol·cholᵀ)."""
+    half = torch.linalg.solve_triangular(chol, sym, upper=False)  # chol⁻¹·sym
+    out = torch.linalg.solve_triangular(chol, half.T, upper=False)  # chol⁻¹·sym·chol⁻ᵀ (sym = symᵀ)
+    return (out + out.T) / 2
+
+
 def generalized_directions(rhs: Tensor, chol: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """(ρ, Q): the k input directions that T = rhs·gram⁻¹ amplifies most, independent of W0.
 
@@ -227,9 +235,7 @@ def generalized_directions(rhs: Tensor, chol: Tensor, k: int) -> Tuple[Tensor, T
     if not torch.allclose(rhs, rhs.T, rtol=1e-10, atol=1e-12 * float(rhs.abs().max())):
         raise CNTLoRAError("directions='generalized' needs a symmetric right-hand side (Self or Cross "
                            "constraints); Shift's alignment is not symmetric: use directions='delta'")
-    half = torch.linalg.solve_triangular(chol, rhs, upper=False)  # chol⁻¹·rhs
-    sym = torch.linalg.solve_triangular(chol, half.T, upper=False)  # chol⁻¹·rhs·chol⁻ᵀ (rhs = rhsᵀ)
-    rho, vectors = _eigh((sym + sym.T) / 2)
+    rho, vectors = _eigh(_whitened(rhs, chol))
     rho, vectors = rho.flip(0)[:k], vectors.flip(1)[:, :k]
     directions = torch.linalg.solve_triangular(chol.T, vectors, upper=True)  # w = chol⁻ᵀ·u
     q, _ = torch.linalg.qr(directions)
@@ -322,9 +328,7 @@ def input_shift(fine: Tensor, pretrain: Tensor, k: int, ridge: float = 1e-4) -> 
                            "were the layer's inputs all zero or non-finite?")
     f, p = f / traces[0], p / traces[1]
     chol = torch.linalg.cholesky(p + (ridge / n) * torch.eye(n, dtype=p.dtype, device=p.device))
-    half = torch.linalg.solve_triangular(chol, f, upper=False)  # L⁻¹·C_f
-    whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # L⁻¹·C_f·L⁻ᵀ
-    return float(_eigh((whitened + whitened.T) / 2)[0][-k:].mean())
+    return float(_eigh(_whitened(f, chol))[0][-k:].mean())
 
 
 def component_scores(spectrum: Spectrum, w0_norm: float, score: str, shift: Optional[float] = None) -> Tensor:

@@ -323,6 +323,7 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
                         and config.advanced.truncation == "frobenius")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
     shifts: Dict[str, float] = {}
+    shift_of: Dict[str, float] = {}  # input_shift per input group (per layer under the weight proxy)
     shift_source = source if config.vas and adv.vas_score == "shift" else None
     source = source if needs_pretrain(constraints) else None  # the system's own (Self has none)
     # the last layer of each input: after it, release=True drops that input's sums
@@ -346,11 +347,13 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
         else:
             cached, system = None, _system(stats, name, source, w0, constraints, config.ridge)
         key = name if shift_source == "weights" else group  # a proxy C_p depends on W0: one per layer
-        if shift_source and key not in shifts:  # from the sums, before they are released
+        if shift_source and key not in shift_of:  # from the sums, before they are released
             fine = stats.moments(name, device=device)
             ref = stats.moments(name, "reference", device=device) if shift_source == "reference" else None
             pre = pretrain_moments(shift_source, fine, w0, ref)
-            shifts[key] = input_shift(fine.second, pre.second, min(config.r, spec.in_features))
+            shift_of[key] = input_shift(fine.second, pre.second, min(config.r, spec.in_features))
+        if shift_source:
+            shifts[name] = shift_of[key]
         if release and last_of_group[group] == name:  # the system holds what it needs of the sums
             for sets in (stats.fine, stats.reference or {}):
                 sets.pop(group, None)
@@ -396,5 +399,4 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     for name, sp in spectra.items():
         spectra[name] = Spectrum(sp.u.cpu(), sp.s.cpu(), sp.v.cpu(), energies.get(name, sp.energy),
                                  None if sp.gains is None else sp.gains.cpu())
-    shifts = {n: shifts[n if shift_source == "weights" else stats.groups[n]] for n in stats.layers} if shifts else {}
     return spectra, w0_norms, shifts, clock.totals()
