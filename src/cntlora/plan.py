@@ -305,8 +305,7 @@ def _model_order(model: nn.Module) -> Dict[str, int]:
 
 def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNTLoRAConfig, source: Optional[str],
                    constraints, progress: bool, release: bool):
-    """({layer: Spectrum on the CPU}, {layer: ||W0||}, {layer: input_shift, for the "shift" VAS score},
-    {phase: seconds}) of the layers of `stats`."""
+    """({layer: Spectrum on the CPU}, {layer: ||W0||}, {layer: input_shift ("shift" VAS)}, {phase: seconds})."""
     spectra: Dict[str, Spectrum] = {}
     ranges: Dict[str, tuple] = {}  # randomized layers: (basis, projected, k), their Ritz step batched by shape below
     energies: Dict[str, torch.Tensor] = {}  # ||ΔW||² of the randomized layers that form ΔW
@@ -322,8 +321,7 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
     implicit_allowed = (device.type == "cpu" and not (config.vas and config.advanced.vas_score != "weight")
                         and config.advanced.truncation == "frobenius")
     group_cache: Dict[str, dict] = {}  # the current group's system (and transfer matrix), shared by its layers
-    shifts: Dict[str, float] = {}
-    shift_of: Dict[str, float] = {}  # input_shift per input group (per layer under the weight proxy)
+    shifts, shift_of = {}, {}  # input_shift per layer, and per input group (per layer under the weight proxy)
     shift_source = source if config.vas and adv.vas_score == "shift" else None
     source = source if needs_pretrain(constraints) else None  # the system's own (Self has none)
     # the last layer of each input: after it, release=True drops that input's sums
@@ -350,8 +348,8 @@ def _layer_spectra(modules: Dict[str, nn.Module], stats: Statistics, config: CNT
         if shift_source and key not in shift_of:  # from the sums, before they are released
             fine = stats.moments(name, device=device)
             ref = stats.moments(name, "reference", device=device) if shift_source == "reference" else None
-            pre = pretrain_moments(shift_source, fine, w0, ref)
-            shift_of[key] = input_shift(fine.second, pre.second, min(config.r, spec.in_features))
+            shift_of[key] = input_shift(fine.second, pretrain_moments(shift_source, fine, w0, ref).second,
+                                        min(config.r, spec.in_features))
         if shift_source:
             shifts[name] = shift_of[key]
         if release and last_of_group[group] == name:  # the system holds what it needs of the sums
